@@ -1,0 +1,286 @@
+"""A bank: float32 vectors (nb, d), int64 ids and a metric, searched exactly, persisted in segments.
+
+On disk (when the bank has a directory) an append writes a new immutable segment, a deletion a
+tombstone file of dead rows, and each write ends by atomically replacing the manifest: an append
+never rewrites the bank. `compact` (run by itself once segments or tombstones pile up) folds the
+live rows into one segment. A method that changes the bank returns only once the change is durable.
+
+Readers never lock: each operation reads one immutable `State`; writers, serialised by a lock,
+build a new state and swap it in, so a reader sees the bank before or after a write, never half.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _storage as st
+from ._errors import DuplicateIdError, EmptyBankError, InvalidIdError, RankError, StorageError
+from ._exact import search_nearest, search_topk
+from ._state import Segment, State, content_sha
+from ._validate import Metric, as_matrix, as_tensor, check_k, check_metric, normalize
+from ._validate import resolve_device
+
+MAX_SEGMENTS = 16
+MAX_DEAD_FRACTION = 0.25
+
+
+def as_ids(ids: Any, name: str = "ids") -> np.ndarray:
+    """Array-like of integer ids -> (n,) int64; ids are >= 0 (faiss uses -1 for 'no result')."""
+    t = as_tensor(ids, name)
+    if t.ndim != 1:
+        raise RankError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        raise InvalidIdError(f"{name} must be integers")
+    a = t.cpu().numpy().astype(np.int64)
+    if (a < 0).any():
+        raise InvalidIdError(f"{name} must be >= 0; got {int(a.min())}")
+    return a
+
+
+class Bank:
+    """Vectors with ids and a metric; exact search; durable appends and deletions.
+
+    ``Bank(d, metric)`` lives in memory; ``Bank.create(path, d, metric)`` and ``Bank.open(path)``
+    keep it in a directory. Under ``cosine`` the vectors are stored L2-normalised.
+    """
+
+    def __init__(self, d: int, metric: Metric = "l2", path: str | Path | None = None) -> None:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise RankError(f"d must be a positive integer; got {d!r}")
+        self.d, self.metric = d, check_metric(metric)
+        self.path = Path(path) if path is not None else None
+        self._state = State(d, (), np.zeros(0, bool), 0)
+        self._next_seg = 0
+        self._lock = threading.Lock()
+
+    # -- persistence -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, d: int, metric: Metric = "l2") -> Bank:
+        bank = cls(d, metric, path)
+        p = Path(path)
+        if (p / st.MANIFEST).exists():
+            raise StorageError(f"{p}: a bank already exists here")
+        p.mkdir(parents=True, exist_ok=True)
+        bank._commit(bank._state)
+        return bank
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True, writable: bool = True) -> Bank:
+        """Load a bank, memory-mapping its vectors; refuses any file that fails its checksum.
+        A writable opener removes leftovers of interrupted writes (one writer per directory)."""
+        p = Path(path)
+        m = st.read_manifest(p)
+        try:
+            bank = cls(int(m["d"]), m["metric"], p)
+            segs = []
+            for s in m["segments"]:
+                n, f = int(s["n"]), s["files"]
+                vec = st.read_array(p / f"{s['name']}.vectors.npy", f["vectors"], (n, bank.d), "float32", verify)
+                ids = st.read_array(p / f"{s['name']}.ids.npy", f["ids"], (n,), "int64", verify)
+                segs.append(Segment(s["name"], vec, ids, s["content"], dict(f)))
+            dead = np.zeros(sum(len(s.ids) for s in segs), bool)
+            if m["tombstones"] is not None:
+                t = m["tombstones"]
+                rows = st.read_array(p / t["file"], t["sha256"], (int(t["n"]),), "int64", verify)
+                dead[rows] = True
+            bank._state = State(bank.d, tuple(segs), dead, int(m["generation"]))
+            bank._next_seg = int(m["next_segment"])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise st.CorruptBankError(f"{p}: manifest is inconsistent ({exc!r})") from exc
+        if writable:
+            bank._remove_unreferenced(bank._state, m["tombstones"])
+        return bank
+
+    def save(self, path: str | Path) -> Bank:
+        """Write a compacted copy of this bank to a new directory and return it, opened."""
+        state = self._state
+        out = Bank.create(path, self.d, self.metric)
+        if state.ntotal:
+            out.add(self._live_vectors(state), state.all_ids[state.live_rows])
+        return out
+
+    def _commit(self, state: State) -> State:
+        """Make `state` durable (its new files first, the manifest last), then publish it."""
+        if self.path is not None:
+            segs = []
+            for s in state.segments:
+                if not s.files:
+                    files = {
+                        "vectors": st.write_array(self.path / f"{s.name}.vectors.npy", s.vectors),
+                        "ids": st.write_array(self.path / f"{s.name}.ids.npy", s.ids),
+                    }
+                    s = Segment(s.name, s.vectors, s.ids, s.content, files)
+                segs.append(s)
+            tomb = None
+            dead_rows = np.flatnonzero(state.dead).astype(np.int64)
+            if len(dead_rows):
+                name = f"tomb-{state.generation:08d}.npy"
+                tomb = {"file": name, "n": len(dead_rows), "sha256": st.write_array(self.path / name, dead_rows)}
+            state = State(self.d, tuple(segs), state.dead, state.generation)
+            st.write_manifest(self.path, {
+                "d": self.d, "metric": self.metric, "dtype": "float32", "nb": state.ntotal,
+                "generation": state.generation, "next_segment": self._next_seg, "tombstones": tomb,
+                "segments": [{"name": s.name, "n": len(s.ids), "content": s.content, "files": s.files}
+                             for s in state.segments],
+            })
+            self._remove_unreferenced(state, tomb)
+        self._state = state
+        return state
+
+    def _remove_unreferenced(self, state: State, tomb: dict[str, Any] | None) -> None:
+        """Delete bank files the manifest no longer names (superseded, or left by a crash).
+        Processes that still map a deleted file keep reading it: unlinking does not unmap."""
+        assert self.path is not None
+        keep = {f"{s.name}.{kind}.npy" for s in state.segments for kind in ("vectors", "ids")}
+        if tomb is not None:
+            keep.add(tomb["file"])
+        for f in self.path.iterdir():
+            if f.name not in keep and (f.name.startswith(("seg-", "tomb-", ".")) and f.suffix in (".npy", ".tmp")):
+                f.unlink(missing_ok=True)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def ntotal(self) -> int:
+        """Number of live vectors."""
+        return self._state.ntotal
+
+    @property
+    def generation(self) -> int:
+        """Incremented by every write (add, remove, compact)."""
+        return self._state.generation
+
+    @property
+    def version(self) -> str:
+        """Content hash of the stored rows: equal versions mean equal vectors and ids."""
+        return self._state.version()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.vectors.nbytes + s.ids.nbytes for s in self._state.segments)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self._state.segments)
+
+    def ids(self) -> np.ndarray:
+        """Live ids (ntotal,) in storage order."""
+        state = self._state
+        return state.all_ids[state.live_rows]
+
+    def vectors(self) -> np.ndarray:
+        """Live vectors (ntotal, d) in the order of `ids()` (a copy)."""
+        return self._live_vectors(self._state)
+
+    @staticmethod
+    def _live_vectors(state: State) -> np.ndarray:
+        return state.take(torch.from_numpy(state.live_rows)).numpy()
+
+    def get(self, ids: Any) -> np.ndarray:
+        """Vectors (n, d) of the given ids, in that order; UnknownIdError if any is missing.
+        Works for ids of any shape: the result has shape ids.shape + (d,)."""
+        state = self._state
+        a = as_tensor(ids, "ids")
+        flat = as_ids(a.reshape(-1))
+        rows = state.rows_of(flat)
+        return state.take(torch.from_numpy(rows)).numpy().reshape(*a.shape, self.d)
+
+    def _queries(self, xq: Any) -> torch.Tensor:
+        x = as_matrix(xq, "xq", self.d)
+        if self.metric == "cosine":
+            normalize(x, "xq")  # raises on a zero query
+        return x
+
+    def search(self, xq: Any, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k. xq (nq, d) -> D (nq, k) float32, I (nq, k) int64 ids.
+        l2: squared distances ascending; ip and cosine: similarities descending."""
+        state = self._state
+        if state.ntotal == 0:
+            raise EmptyBankError("the bank is empty")
+        x = self._queries(xq)
+        k = check_k(k, state.ntotal)
+        dev = resolve_device(device)
+        if k == 1:
+            d1, i1 = search_nearest(x, state, state.stats(self.metric), self.metric, dev)
+            D, I = d1[:, None], i1[:, None]
+        else:
+            D, I = search_topk(x, state, state.stats(self.metric), self.metric, k, dev)
+        return to_reported(D, self.metric), I.numpy()
+
+    def nearest(self, xq: Any, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+        """Nearest code of every query: xq (nq, d) -> D (nq,) float32, I (nq,) int64."""
+        D, I = self.search(xq, 1, device)
+        return D[:, 0], I[:, 0]
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def add(self, xb: Any, ids: Any = None) -> np.ndarray:
+        """Append vectors (n, d); ids default to max id + 1 onwards. Returns the ids added."""
+        x = as_matrix(xb, "xb", self.d)
+        if self.metric == "cosine":
+            x = normalize(x, "xb")
+        vec = x.cpu().numpy()
+        with self._lock:
+            state = self._state
+            if ids is None:
+                start = int(state.all_ids.max()) + 1 if len(state.all_ids) else 0
+                new_ids = np.arange(start, start + len(vec), dtype=np.int64)
+            else:
+                new_ids = as_ids(ids)
+                if len(new_ids) != len(vec):
+                    raise RankError(f"got {len(new_ids)} ids for {len(vec)} vectors")
+                uniq, counts = np.unique(new_ids, return_counts=True)
+                if (counts > 1).any():
+                    raise DuplicateIdError(f"ids repeated in the batch: {uniq[counts > 1][:10].tolist()}")
+                taken = np.isin(new_ids, state.all_ids[state.live_rows])
+                if taken.any():
+                    raise DuplicateIdError(f"ids already in the bank: {new_ids[taken][:10].tolist()}")
+            if len(vec) == 0:
+                return new_ids
+            seg = Segment(f"seg-{self._next_seg:08d}", vec, new_ids, content_sha(vec, new_ids))
+            self._next_seg += 1
+            dead = np.concatenate([state.dead, np.zeros(len(vec), bool)])
+            self._write(State(self.d, (*state.segments, seg), dead, state.generation + 1))
+            return new_ids
+
+    def remove(self, ids: Any) -> int:
+        """Delete the given ids (all or none: UnknownIdError if any is missing). Returns count."""
+        flat = np.unique(as_ids(ids))
+        with self._lock:
+            state = self._state
+            rows = state.rows_of(flat)
+            dead = state.dead.copy()
+            dead[rows] = True
+            self._write(State(self.d, state.segments, dead, state.generation + 1))
+            return len(rows)
+
+    def compact(self) -> None:
+        """Fold all live rows into one segment and drop the tombstones."""
+        with self._lock:
+            self._compact(self._state)
+
+    def _write(self, state: State) -> None:
+        many_dead = state.dead.sum() > MAX_DEAD_FRACTION * max(len(state.dead), 1)
+        if len(state.segments) > MAX_SEGMENTS or many_dead:
+            self._compact(state)
+        else:
+            self._commit(state)
+
+    def _compact(self, state: State) -> None:
+        segs: tuple[Segment, ...] = ()
+        if state.ntotal:
+            vec, ids = self._live_vectors(state), state.all_ids[state.live_rows].copy()
+            segs = (Segment(f"seg-{self._next_seg:08d}", vec, ids, content_sha(vec, ids)),)
+            self._next_seg += 1
+        self._commit(State(self.d, segs, np.zeros(state.ntotal, bool), state.generation + 1))
+
+
+def to_reported(D: torch.Tensor, metric: str) -> np.ndarray:
+    """Internal 'smaller is nearer' float64 -> reported float32 (similarity for ip and cosine)."""
+    return (D if metric == "l2" else -D).to(torch.float32).numpy()

@@ -1,0 +1,52 @@
+"""`knn`: exact search over a plain matrix, shaped like `faiss.knn`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._bank import to_reported
+from ._errors import EmptyBankError, ZeroVectorError
+from ._exact import TILE_ELEMS, search_nearest, search_topk
+from ._rows import MatrixRows, compute_stats
+from ._validate import Metric, as_matrix, check_k, check_metric, resolve_device
+
+
+def _check_nonzero(x: torch.Tensor, name: str) -> None:
+    zero = torch.linalg.vector_norm(x, dim=1) == 0
+    if bool(zero.any()):
+        raise ZeroVectorError(f"{name} row {int(zero.nonzero()[0, 0])} is a zero vector; "
+                              "cosine is undefined for it")
+
+
+def knn(
+    xq: Any, xb: Any, k: int, metric: Metric = "l2", device: str = "auto",
+    tile_elems: int = TILE_ELEMS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of each query in xb, equal to float64 brute force.
+
+    xq (nq, d), xb (nb, d): numpy arrays or torch tensors of any real dtype (searched as float32).
+    Returns D (nq, k) float32 and I (nq, k) int64 row numbers of xb, nearest first, ties broken
+    by the lowest row. l2: squared distances; ip: inner products; cosine: cosine similarities.
+    Scratch memory is bounded by `tile_elems` (see `vqsearch.index._exact`), not by nq x nb.
+    """
+    metric = check_metric(metric)
+    xb_t = as_matrix(xb, "xb")
+    nb, d = xb_t.shape
+    if nb == 0:
+        raise EmptyBankError("xb holds no vector")
+    xq_t = as_matrix(xq, "xq", d)
+    k = check_k(k, nb)
+    if metric == "cosine":
+        _check_nonzero(xq_t, "xq")
+        _check_nonzero(xb_t, "xb")
+    dev = resolve_device(device)
+    src = MatrixRows(xb_t.cpu())
+    stats = compute_stats(src, metric)
+    if k == 1:
+        d1, i1 = search_nearest(xq_t, src, stats, metric, dev, tile_elems)
+        return to_reported(d1[:, None], metric), i1[:, None].numpy()
+    D, I = search_topk(xq_t, src, stats, metric, k, dev, tile_elems)
+    return to_reported(D, metric), I.numpy()

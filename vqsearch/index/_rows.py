@@ -1,0 +1,92 @@
+"""Where the exact search reads bank vectors from: a plain matrix, or a bank's segments.
+
+A row source numbers its rows 0..n-1 (dead rows included: they are skipped through a mask), hands
+them out in blocks for the scan, gathers single rows for the re-rank, and maps rows to user ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ._validate import Metric, normalize
+
+
+class RowSource(Protocol):
+    n: int
+    d: int
+
+    def blocks(self, bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """Yield (r0, y (nbk, d) float32, dead (nbk,) bool or None) over rows r0..r0+nbk-1."""
+        ...
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """Vectors of the given rows, float32, shape rows.shape + (d,)."""
+        ...
+
+    def ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """User ids (int64) of the given rows, same shape."""
+        ...
+
+
+@dataclass
+class MatrixRows:
+    """A plain (nb, d) float32 matrix whose ids are its row numbers."""
+
+    xb: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.n, self.d = self.xb.shape
+
+    def blocks(self, bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        for r0 in range(0, self.n, bs):
+            yield r0, self.xb[r0 : r0 + bs], None
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.xb[rows]
+
+    def ids(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What the error bound needs of a bank: the centre the scan subtracts, and the radius R
+    (max norm of a prepared bank vector around that centre)."""
+
+    center: torch.Tensor | None
+    radius: float
+
+
+def compute_stats(src: RowSource, metric: Metric, bs: int = 65536) -> Stats:
+    """One or two passes over the bank; cached by banks, recomputed by plain `knn` calls."""
+    if metric == "cosine":
+        return Stats(None, 1.0)
+    center = None
+    if metric == "l2":
+        total = torch.zeros(src.d, dtype=torch.float64)
+        count = 0
+        for _, y, dead in src.blocks(bs):
+            if dead is not None:
+                y = y[~dead]
+            total += y.sum(0, dtype=torch.float64)
+            count += y.shape[0]
+        center = (total / max(count, 1)).to(torch.float32)
+    radius = 0.0
+    for _, y, _ in src.blocks(bs):
+        yc = y if center is None else y - center
+        if yc.shape[0]:
+            radius = max(radius, float(torch.linalg.vector_norm(yc, dim=1).max()))
+    return Stats(center, radius)
+
+
+def prepare(y: torch.Tensor, metric: Metric, center: torch.Tensor | None) -> torch.Tensor:
+    """Bank or query block as the float32 scan sees it: centred (l2) or unit-norm (cosine)."""
+    if metric == "cosine":
+        return normalize(y, "vectors")
+    if center is not None:
+        return y - center.to(y.device)
+    return y

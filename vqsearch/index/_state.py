@@ -1,0 +1,111 @@
+"""An immutable snapshot of a bank's rows; also the row source the exact search scans."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ._errors import UnknownIdError
+from ._rows import Stats, compute_stats
+from ._validate import Metric
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    name: str
+    vectors: np.ndarray  # (n, d) float32, memory-mapped when loaded
+    ids: np.ndarray  # (n,) int64
+    content: str  # sha256 of the raw vector and id bytes: what the bank version is made of
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, once on disk
+
+
+@dataclass(frozen=True, eq=False)
+class State:
+    """Rows 0..n-1 over the segments in order; dead rows stay until a compaction drops them."""
+
+    d: int
+    segments: tuple[Segment, ...]
+    dead: np.ndarray  # (n_rows,) bool
+    generation: int
+    _stats: dict[str, Stats] = field(default_factory=dict)
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        return np.cumsum([0] + [len(s.ids) for s in self.segments])
+
+    @property
+    def n(self) -> int:
+        return int(self.offsets[-1])
+
+    @functools.cached_property
+    def all_ids(self) -> np.ndarray:
+        if not self.segments:
+            return np.empty(0, np.int64)
+        return np.concatenate([s.ids for s in self.segments])
+
+    @functools.cached_property
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.dead)
+
+    @functools.cached_property
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Live ids sorted, and the row of each: the id -> row lookup."""
+        ids = self.all_ids[self.live_rows]
+        order = np.argsort(ids, kind="stable")
+        return ids[order], self.live_rows[order]
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.live_rows)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the given live ids; raises UnknownIdError naming the missing ones."""
+        sorted_ids, rows = self._index
+        pos = np.searchsorted(sorted_ids, ids).clip(0, max(len(sorted_ids) - 1, 0))
+        found = (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+        if not found.all():
+            raise UnknownIdError(f"unknown ids: {ids[~found][:10].tolist()}")
+        return rows[pos]
+
+    def blocks(self, bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        any_dead = bool(self.dead.any())
+        for seg, off in zip(self.segments, self.offsets, strict=False):
+            for a in range(0, len(seg.ids), bs):
+                b = min(a + bs, len(seg.ids))
+                dead = torch.from_numpy(self.dead[off + a : off + b]) if any_dead else None
+                yield int(off + a), torch.from_numpy(seg.vectors[a:b]), dead
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        r = rows.reshape(-1).numpy()
+        out = np.empty((len(r), self.d), np.float32)
+        seg_of = np.searchsorted(self.offsets, r, side="right") - 1
+        for s in np.unique(seg_of):
+            m = seg_of == s
+            out[m] = self.segments[s].vectors[r[m] - self.offsets[s]]
+        return torch.from_numpy(out).reshape(*rows.shape, self.d)
+
+    def ids(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.all_ids[rows.numpy()])
+
+    def stats(self, metric: Metric) -> Stats:
+        if metric not in self._stats:
+            self._stats[metric] = compute_stats(self, metric)
+        return self._stats[metric]
+
+    def version(self) -> str:
+        h = hashlib.sha256()
+        for s in self.segments:
+            h.update(s.content.encode())
+        h.update(np.flatnonzero(self.dead).tobytes())
+        return h.hexdigest()[:16]
+
+
+def content_sha(vectors: np.ndarray, ids: np.ndarray) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(vectors).tobytes())
+    h.update(np.ascontiguousarray(ids).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,81 @@
+"""Turning user input into float32 torch matrices, or one clear error saying why not."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ._errors import (
+    DimensionError,
+    DTypeError,
+    KOutOfRangeError,
+    NonFiniteError,
+    RankError,
+    UnknownMetricError,
+    ZeroVectorError,
+)
+
+Metric = Literal["l2", "ip", "cosine"]
+METRICS: tuple[str, ...] = ("l2", "ip", "cosine")
+
+
+def check_metric(metric: Any) -> Metric:
+    if metric not in METRICS:
+        raise UnknownMetricError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    return metric  # type: ignore[no-any-return]
+
+
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """Any array-like of numbers -> torch tensor (no copy where none is needed); refuse the rest."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bool or x.is_complex():
+            raise DTypeError(f"{name} has dtype {x.dtype}; expected a real numeric dtype")
+        return x
+    try:
+        a = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise RankError(f"{name} is not a rectangular numeric array: {exc}") from exc
+    if a.dtype.kind not in "iuf":
+        raise DTypeError(f"{name} has dtype {a.dtype}; expected a real numeric dtype")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def as_matrix(x: Any, name: str, d: int | None = None) -> torch.Tensor:
+    """Array-like -> contiguous float32 tensor (n, d), checked for rank, width and finiteness."""
+    t = as_tensor(x, name)
+    if t.ndim != 2:
+        raise RankError(f"{name} must be 2-D (n, d); got shape {tuple(t.shape)}")
+    if d is not None and t.shape[1] != d:
+        raise DimensionError(f"{name} has d={t.shape[1]}; expected d={d}")
+    if t.shape[1] == 0:
+        raise DimensionError(f"{name} has d=0; vectors need at least one component")
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{name} contains NaN or Inf (or values beyond float32 range)")
+    return t.contiguous()
+
+
+def check_k(k: Any, nb: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise KOutOfRangeError(f"k must be an integer; got {k!r}")
+    if not 1 <= int(k) <= nb:
+        raise KOutOfRangeError(f"k={k} is out of range: need 1 <= k <= nb={nb}")
+    return int(k)
+
+
+def normalize(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; a zero row is an error (its cosine is undefined)."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        bad = int((norms[:, 0] == 0).nonzero()[0, 0])
+        raise ZeroVectorError(f"{name} row {bad} is a zero vector; cosine is undefined for it")
+    return x / norms
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
