@@ -22,11 +22,21 @@ from ._errors import (
     VQSearchError,
     ZeroVectorError,
 )
+from ._eval import (
+    Timing,
+    ground_truth,
+    k_recall_at_k,
+    nearest_agreement,
+    one_recall_at,
+    time_search,
+)
 from ._knn import knn
+from ._pq import ApproxIndex, default_spec
 from ._validate import METRICS, Metric
 
 __all__ = [
     "METRICS",
+    "ApproxIndex",
     "Bank",
     "CorruptBankError",
     "DTypeError",
@@ -41,9 +51,16 @@ __all__ = [
     "NonFiniteError",
     "RankError",
     "StorageError",
+    "Timing",
     "UnknownIdError",
     "UnknownMetricError",
     "VQSearchError",
     "ZeroVectorError",
+    "default_spec",
+    "ground_truth",
+    "k_recall_at_k",
     "knn",
+    "nearest_agreement",
+    "one_recall_at",
+    "time_search",
 ]

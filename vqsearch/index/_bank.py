@@ -22,8 +22,15 @@ from . import _storage as st
 from ._errors import DuplicateIdError, EmptyBankError, InvalidIdError, RankError, StorageError
 from ._exact import search_nearest, search_topk
 from ._state import Segment, State, content_sha
-from ._validate import Metric, as_matrix, as_tensor, check_k, check_metric, normalize
-from ._validate import resolve_device
+from ._validate import (
+    Metric,
+    as_matrix,
+    as_tensor,
+    check_k,
+    check_metric,
+    normalize,
+    resolve_device,
+)
 
 MAX_SEGMENTS = 16
 MAX_DEAD_FRACTION = 0.25
@@ -81,7 +88,9 @@ class Bank:
             segs = []
             for s in m["segments"]:
                 n, f = int(s["n"]), s["files"]
-                vec = st.read_array(p / f"{s['name']}.vectors.npy", f["vectors"], (n, bank.d), "float32", verify)
+                vec = st.read_array(
+                    p / f"{s['name']}.vectors.npy", f["vectors"], (n, bank.d), "float32", verify
+                )
                 ids = st.read_array(p / f"{s['name']}.ids.npy", f["ids"], (n,), "int64", verify)
                 segs.append(Segment(s["name"], vec, ids, s["content"], dict(f)))
             dead = np.zeros(sum(len(s.ids) for s in segs), bool)
@@ -121,14 +130,28 @@ class Bank:
             dead_rows = np.flatnonzero(state.dead).astype(np.int64)
             if len(dead_rows):
                 name = f"tomb-{state.generation:08d}.npy"
-                tomb = {"file": name, "n": len(dead_rows), "sha256": st.write_array(self.path / name, dead_rows)}
+                tomb = {
+                    "file": name,
+                    "n": len(dead_rows),
+                    "sha256": st.write_array(self.path / name, dead_rows),
+                }
             state = State(self.d, tuple(segs), state.dead, state.generation)
-            st.write_manifest(self.path, {
-                "d": self.d, "metric": self.metric, "dtype": "float32", "nb": state.ntotal,
-                "generation": state.generation, "next_segment": self._next_seg, "tombstones": tomb,
-                "segments": [{"name": s.name, "n": len(s.ids), "content": s.content, "files": s.files}
-                             for s in state.segments],
-            })
+            st.write_manifest(
+                self.path,
+                {
+                    "d": self.d,
+                    "metric": self.metric,
+                    "dtype": "float32",
+                    "nb": state.ntotal,
+                    "generation": state.generation,
+                    "next_segment": self._next_seg,
+                    "tombstones": tomb,
+                    "segments": [
+                        {"name": s.name, "n": len(s.ids), "content": s.content, "files": s.files}
+                        for s in state.segments
+                    ],
+                },
+            )
             self._remove_unreferenced(state, tomb)
         self._state = state
         return state
@@ -141,7 +164,9 @@ class Bank:
         if tomb is not None:
             keep.add(tomb["file"])
         for f in self.path.iterdir():
-            if f.name not in keep and (f.name.startswith(("seg-", "tomb-", ".")) and f.suffix in (".npy", ".tmp")):
+            if f.name not in keep and (
+                f.name.startswith(("seg-", "tomb-", ".")) and f.suffix in (".npy", ".tmp")
+            ):
                 f.unlink(missing_ok=True)
 
     # -- reading -----------------------------------------------------------------------------
@@ -207,10 +232,10 @@ class Bank:
         k = check_k(k, state.ntotal)
         dev = resolve_device(device)
         if k == 1:
-            d1, i1 = search_nearest(x, state, state.stats(self.metric), self.metric, dev)
+            d1, i1 = search_nearest(x, state, state.center(self.metric), self.metric, dev)
             D, I = d1[:, None], i1[:, None]
         else:
-            D, I = search_topk(x, state, state.stats(self.metric), self.metric, k, dev)
+            D, I = search_topk(x, state, state.center(self.metric), self.metric, k, dev)
         return to_reported(D, self.metric), I.numpy()
 
     def nearest(self, xq: Any, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -237,10 +262,14 @@ class Bank:
                     raise RankError(f"got {len(new_ids)} ids for {len(vec)} vectors")
                 uniq, counts = np.unique(new_ids, return_counts=True)
                 if (counts > 1).any():
-                    raise DuplicateIdError(f"ids repeated in the batch: {uniq[counts > 1][:10].tolist()}")
+                    raise DuplicateIdError(
+                        f"ids repeated in the batch: {uniq[counts > 1][:10].tolist()}"
+                    )
                 taken = np.isin(new_ids, state.all_ids[state.live_rows])
                 if taken.any():
-                    raise DuplicateIdError(f"ids already in the bank: {new_ids[taken][:10].tolist()}")
+                    raise DuplicateIdError(
+                        f"ids already in the bank: {new_ids[taken][:10].tolist()}"
+                    )
             if len(vec) == 0:
                 return new_ids
             seg = Segment(f"seg-{self._next_seg:08d}", vec, new_ids, content_sha(vec, new_ids))

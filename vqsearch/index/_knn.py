@@ -9,28 +9,34 @@ import torch
 
 from ._bank import to_reported
 from ._errors import EmptyBankError, ZeroVectorError
-from ._exact import TILE_ELEMS, search_nearest, search_topk
-from ._rows import MatrixRows, compute_stats
+from ._exact import TILE_ELEMS, TOPK_TILE_ELEMS, search_nearest, search_topk
+from ._rows import MatrixRows, bank_center
 from ._validate import Metric, as_matrix, check_k, check_metric, resolve_device
 
 
 def _check_nonzero(x: torch.Tensor, name: str) -> None:
     zero = torch.linalg.vector_norm(x, dim=1) == 0
     if bool(zero.any()):
-        raise ZeroVectorError(f"{name} row {int(zero.nonzero()[0, 0])} is a zero vector; "
-                              "cosine is undefined for it")
+        raise ZeroVectorError(
+            f"{name} row {int(zero.nonzero()[0, 0])} is a zero vector; cosine is undefined for it"
+        )
 
 
 def knn(
-    xq: Any, xb: Any, k: int, metric: Metric = "l2", device: str = "auto",
-    tile_elems: int = TILE_ELEMS,
+    xq: Any,
+    xb: Any,
+    k: int,
+    metric: Metric = "l2",
+    device: str = "auto",
+    tile_elems: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of each query in xb, equal to float64 brute force.
 
     xq (nq, d), xb (nb, d): numpy arrays or torch tensors of any real dtype (searched as float32).
     Returns D (nq, k) float32 and I (nq, k) int64 row numbers of xb, nearest first, ties broken
     by the lowest row. l2: squared distances; ip: inner products; cosine: cosine similarities.
-    Scratch memory is bounded by `tile_elems` (see `vqsearch.index._exact`), not by nq x nb.
+    Scratch memory is bounded by `tile_elems` (default: 2**21 for k=1, 2**23 otherwise; see
+    `vqsearch.index._exact`), not by nq x nb.
     """
     metric = check_metric(metric)
     xb_t = as_matrix(xb, "xb")
@@ -44,9 +50,9 @@ def knn(
         _check_nonzero(xb_t, "xb")
     dev = resolve_device(device)
     src = MatrixRows(xb_t.cpu())
-    stats = compute_stats(src, metric)
+    center = bank_center(src, metric)
     if k == 1:
-        d1, i1 = search_nearest(xq_t, src, stats, metric, dev, tile_elems)
+        d1, i1 = search_nearest(xq_t, src, center, metric, dev, tile_elems or TILE_ELEMS)
         return to_reported(d1[:, None], metric), i1[:, None].numpy()
-    D, I = search_topk(xq_t, src, stats, metric, k, dev, tile_elems)
+    D, I = search_topk(xq_t, src, center, metric, k, dev, tile_elems or TOPK_TILE_ELEMS)
     return to_reported(D, metric), I.numpy()

@@ -16,8 +16,11 @@ from ._validate import Metric, normalize
 
 
 class RowSource(Protocol):
-    n: int
-    d: int
+    @property
+    def n(self) -> int: ...
+
+    @property
+    def d(self) -> int: ...
 
     def blocks(self, bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
         """Yield (r0, y (nbk, d) float32, dead (nbk,) bool or None) over rows r0..r0+nbk-1."""
@@ -52,35 +55,19 @@ class MatrixRows:
         return rows
 
 
-@dataclass(frozen=True)
-class Stats:
-    """What the error bound needs of a bank: the centre the scan subtracts, and the radius R
-    (max norm of a prepared bank vector around that centre)."""
-
-    center: torch.Tensor | None
-    radius: float
-
-
-def compute_stats(src: RowSource, metric: Metric, bs: int = 65536) -> Stats:
-    """One or two passes over the bank; cached by banks, recomputed by plain `knn` calls."""
-    if metric == "cosine":
-        return Stats(None, 1.0)
-    center = None
-    if metric == "l2":
-        total = torch.zeros(src.d, dtype=torch.float64)
-        count = 0
-        for _, y, dead in src.blocks(bs):
-            if dead is not None:
-                y = y[~dead]
-            total += y.sum(0, dtype=torch.float64)
-            count += y.shape[0]
-        center = (total / max(count, 1)).to(torch.float32)
-    radius = 0.0
-    for _, y, _ in src.blocks(bs):
-        yc = y if center is None else y - center
-        if yc.shape[0]:
-            radius = max(radius, float(torch.linalg.vector_norm(yc, dim=1).max()))
-    return Stats(center, radius)
+def bank_center(src: RowSource, metric: Metric, bs: int = 65536) -> torch.Tensor | None:
+    """The point the l2 scan centres both sides on (the mean of the live rows), else None.
+    Any centre keeps the search exact; the mean makes the error bound smallest. Banks cache it."""
+    if metric != "l2":
+        return None
+    total = torch.zeros(src.d, dtype=torch.float64)
+    count = 0
+    for _, y, dead in src.blocks(bs):
+        if dead is not None:
+            y = y[~dead]
+        total += y.sum(0, dtype=torch.float64)
+        count += y.shape[0]
+    return (total / max(count, 1)).to(torch.float32)
 
 
 def prepare(y: torch.Tensor, metric: Metric, center: torch.Tensor | None) -> torch.Tensor:

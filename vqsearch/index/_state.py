@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ._errors import UnknownIdError
-from ._rows import Stats, compute_stats
+from ._rows import bank_center
 from ._validate import Metric
 
 
@@ -32,7 +32,7 @@ class State:
     segments: tuple[Segment, ...]
     dead: np.ndarray  # (n_rows,) bool
     generation: int
-    _stats: dict[str, Stats] = field(default_factory=dict)
+    _centers: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     @functools.cached_property
     def offsets(self) -> np.ndarray:
@@ -92,10 +92,10 @@ class State:
     def ids(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.all_ids[rows.numpy()])
 
-    def stats(self, metric: Metric) -> Stats:
-        if metric not in self._stats:
-            self._stats[metric] = compute_stats(self, metric)
-        return self._stats[metric]
+    def center(self, metric: Metric) -> torch.Tensor | None:
+        if metric not in self._centers:
+            self._centers[metric] = bank_center(self, metric)
+        return self._centers[metric]
 
     def version(self) -> str:
         h = hashlib.sha256()

@@ -61,6 +61,11 @@ def write_array(path: Path, a: np.ndarray) -> str:
     return _atomic(path, lambda f: np.lib.format.write_array(f, a, allow_pickle=False))
 
 
+def write_bytes(path: Path, data: bytes) -> str:
+    """Write raw bytes atomically; return their sha256."""
+    return _atomic(path, lambda f: f.write(data))
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -96,7 +101,7 @@ def _digest(body: dict[str, Any]) -> str:
 def write_manifest(directory: Path, body: dict[str, Any]) -> None:
     doc = {**body, "format_version": FORMAT_VERSION, "manifest_sha256": _digest(body)}
     data = json.dumps(doc, indent=1, sort_keys=True).encode()
-    _atomic(directory / MANIFEST, lambda f: f.write(data))
+    write_bytes(directory / MANIFEST, data)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -1,0 +1,212 @@
+"""Banks: ids, add/remove/get, exact search through segments, and durable storage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import brute_force
+from vqsearch.index import (
+    Bank,
+    CorruptBankError,
+    DuplicateIdError,
+    EmptyBankError,
+    InvalidIdError,
+    StorageError,
+    UnknownIdError,
+    ZeroVectorError,
+)
+
+
+def _vecs(rng, n, d=16):
+    return rng.standard_normal((n, d)).astype(np.float32)
+
+
+def test_default_ids_and_search_through_segments_and_tombstones(rng):
+    """Search over several segments with deleted rows equals brute force over the live rows."""
+    bank = Bank(16, "l2")
+    parts = [_vecs(rng, n) for n in (300, 200, 500)]
+    for p in parts:
+        bank.add(p)
+    np.testing.assert_array_equal(bank.ids(), np.arange(1000))
+    gone = rng.choice(1000, 100, replace=False)
+    assert bank.remove(gone) == 100
+    live = np.setdiff1d(np.arange(1000), gone)
+    xb = np.concatenate(parts)[live]
+    xq = _vecs(rng, 60)
+    for k in (1, 6):
+        D, I = bank.search(xq, k)
+        Dr, Ir = brute_force(xq, xb, k, "l2")
+        np.testing.assert_array_equal(I, live[Ir])
+        np.testing.assert_allclose(D, Dr, rtol=1e-6)
+
+
+def test_user_ids_ties_break_by_lowest_id_not_row(rng):
+    """With user ids, exact duplicates resolve to the lowest id even when it is stored later."""
+    v = _vecs(rng, 10)
+    bank = Bank(16)
+    bank.add(v, ids=np.arange(10) + 100)
+    bank.add(v, ids=np.arange(10) + 5)  # same vectors, lower ids, later rows
+    _, I = bank.search(v, 2)
+    np.testing.assert_array_equal(I[:, 0], np.arange(10) + 5)
+    np.testing.assert_array_equal(I[:, 1], np.arange(10) + 100)
+
+
+def test_get_returns_vectors_by_id_in_any_shape(rng):
+    """get() decodes ids of any shape back to their vectors; unknown ids are refused."""
+    v = _vecs(rng, 50)
+    bank = Bank(16)
+    bank.add(v, ids=np.arange(50) * 3)
+    codes = np.array([[3, 0], [147, 6]])
+    np.testing.assert_array_equal(bank.get(codes), v[codes // 3])
+    with pytest.raises(UnknownIdError, match="1"):
+        bank.get([1])
+
+
+def test_id_rules(rng):
+    """Duplicate (batch or bank) and negative ids are refused; removed ids may come back."""
+    bank = Bank(16)
+    bank.add(_vecs(rng, 5), ids=[1, 2, 3, 4, 5])
+    with pytest.raises(DuplicateIdError, match="3"):
+        bank.add(_vecs(rng, 2), ids=[3, 9])
+    with pytest.raises(DuplicateIdError, match="repeated"):
+        bank.add(_vecs(rng, 2), ids=[7, 7])
+    with pytest.raises(InvalidIdError, match=">= 0"):
+        bank.add(_vecs(rng, 1), ids=[-1])
+    with pytest.raises(UnknownIdError):
+        bank.remove([5, 6])
+    assert bank.ntotal == 5  # the failed remove removed nothing
+    bank.remove([3])
+    bank.add(_vecs(rng, 1), ids=[3])
+    assert sorted(bank.ids().tolist()) == [1, 2, 3, 4, 5]
+    assert bank.add(_vecs(rng, 2)).tolist() == [6, 7]
+
+
+def test_cosine_bank_normalises_and_refuses_zero(rng):
+    """Cosine banks store unit vectors, report similarities, and refuse zero vectors."""
+    bank = Bank(16, "cosine")
+    v = _vecs(rng, 100) * 7
+    bank.add(v)
+    np.testing.assert_allclose(np.linalg.norm(bank.vectors(), axis=1), 1, rtol=1e-6)
+    D, I = bank.search(v[:10], 1)
+    np.testing.assert_array_equal(I[:, 0], np.arange(10))
+    np.testing.assert_allclose(D[:, 0], 1, rtol=1e-6)
+    with pytest.raises(ZeroVectorError):
+        bank.add(np.zeros((1, 16), np.float32))
+    with pytest.raises(ZeroVectorError):
+        bank.search(np.zeros((1, 16), np.float32), 1)
+
+
+def test_empty_bank_search_refused():
+    """Searching an empty bank is an EmptyBankError."""
+    with pytest.raises(EmptyBankError):
+        Bank(4).search(np.zeros((1, 4), np.float32), 1)
+
+
+def test_persistence_round_trip(tmp_path, rng):
+    """Appends, deletions and ids survive close and re-open; vectors come back memory-mapped."""
+    bank = Bank.create(tmp_path / "b", 16, "ip")
+    v1, v2 = _vecs(rng, 300), _vecs(rng, 100)
+    bank.add(v1)
+    bank.add(v2, ids=np.arange(100) + 1000)
+    bank.remove([0, 1000])
+    again = Bank.open(tmp_path / "b")
+    assert (again.metric, again.d, again.ntotal) == ("ip", 16, 398)
+    assert again.version == bank.version and again.generation == bank.generation
+    np.testing.assert_array_equal(again.ids(), bank.ids())
+    np.testing.assert_array_equal(again.vectors(), bank.vectors())
+    assert isinstance(again._state.segments[0].vectors, np.memmap)
+    xq = _vecs(rng, 20)
+    for a, b in zip(again.search(xq, 4), bank.search(xq, 4), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_append_writes_only_a_new_segment(tmp_path, rng):
+    """An append leaves existing segment files untouched (same inode and mtime)."""
+    bank = Bank.create(tmp_path / "b", 16)
+    bank.add(_vecs(rng, 1000))
+    first = tmp_path / "b" / "seg-00000000.vectors.npy"
+    before = first.stat()
+    bank.add(_vecs(rng, 10))
+    after = first.stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    assert bank.num_segments == 2
+
+
+def test_compaction_folds_segments_and_keeps_content(tmp_path, rng):
+    """Many small appends and deletions trigger compaction; content and search stay the same."""
+    bank = Bank.create(tmp_path / "b", 16)
+    for _ in range(20):
+        bank.add(_vecs(rng, 10))
+    assert bank.num_segments <= 16
+    bank.remove(np.arange(0, 200, 2))  # half dead: over the tombstone threshold
+    assert bank.num_segments == 1 and bank.ntotal == 100
+    np.testing.assert_array_equal(bank.ids(), np.arange(1, 200, 2))
+    files = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert files == [
+        "manifest.json",
+        f"{bank._state.segments[0].name}.ids.npy",
+        f"{bank._state.segments[0].name}.vectors.npy",
+    ]
+    again = Bank.open(tmp_path / "b")
+    np.testing.assert_array_equal(again.vectors(), bank.vectors())
+
+
+def test_corrupted_or_truncated_files_are_refused(tmp_path, rng):
+    """A flipped byte, a truncated file, or an edited manifest raises CorruptBankError."""
+    bank = Bank.create(tmp_path / "b", 16)
+    bank.add(_vecs(rng, 200))
+    vec = tmp_path / "b" / "seg-00000000.vectors.npy"
+    good = vec.read_bytes()
+    vec.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CorruptBankError, match="checksum"):
+        Bank.open(tmp_path / "b")
+    vec.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptBankError):
+        Bank.open(tmp_path / "b")
+    vec.write_bytes(good)
+    Bank.open(tmp_path / "b")
+    man = tmp_path / "b" / "manifest.json"
+    doc = json.loads(man.read_text())
+    doc["d"] = 8
+    man.write_text(json.dumps(doc))
+    with pytest.raises(CorruptBankError, match="manifest"):
+        Bank.open(tmp_path / "b")
+
+
+def test_leftovers_of_an_interrupted_write_are_ignored_and_removed(tmp_path, rng):
+    """Files a crashed append left behind (tmp or an unreferenced segment) never get loaded."""
+    bank = Bank.create(tmp_path / "b", 16)
+    bank.add(_vecs(rng, 50))
+    d = tmp_path / "b"
+    np.save(d / "seg-00000007.vectors.npy", _vecs(rng, 3))
+    (d / ".manifest.json.abc.tmp").write_bytes(b"{half")
+    again = Bank.open(d)
+    assert again.ntotal == 50
+    assert (
+        not (d / "seg-00000007.vectors.npy").exists()
+        and not (d / ".manifest.json.abc.tmp").exists()
+    )
+
+
+def test_create_twice_and_open_missing(tmp_path):
+    """Creating over an existing bank, or opening a directory without one, is a StorageError."""
+    Bank.create(tmp_path / "b", 4)
+    with pytest.raises(StorageError, match="exists"):
+        Bank.create(tmp_path / "b", 4)
+    with pytest.raises(StorageError, match="manifest"):
+        Bank.open(tmp_path / "nothing")
+
+
+def test_version_tracks_content(rng):
+    """Equal content gives equal versions; every write changes version and generation."""
+    v = _vecs(rng, 20)
+    a, b = Bank(16), Bank(16)
+    a.add(v)
+    b.add(v)
+    assert a.version == b.version
+    g, ver = a.generation, a.version
+    a.remove([0])
+    assert a.generation == g + 1 and a.version != ver
