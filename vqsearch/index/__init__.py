@@ -31,7 +31,7 @@ from ._eval import (
     time_search,
 )
 from ._knn import knn
-from ._pq import ApproxIndex, default_spec
+from ._pq import ApproxIndex, check_spec, default_spec
 from ._validate import METRICS, Metric
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "UnknownMetricError",
     "VQSearchError",
     "ZeroVectorError",
+    "check_spec",
     "default_spec",
     "ground_truth",
     "k_recall_at_k",

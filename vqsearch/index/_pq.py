@@ -49,6 +49,19 @@ def default_spec(nb: int, d: int) -> str:
     return f"IVF{nlist},{pq},RFlat"
 
 
+def _factory(d: int, spec: str, metric: Metric) -> Any:
+    try:
+        return faiss.index_factory(d, spec, _FAISS_METRIC[metric])
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[-1] if str(exc) else repr(exc)
+        raise FactoryStringError(f"faiss cannot build {spec!r} for d={d}: {msg}") from exc
+
+
+def check_spec(spec: str, d: int, metric: Metric = "l2") -> None:
+    """Raise FactoryStringError unless faiss can make an index from `spec` (no training)."""
+    _factory(d, spec, check_metric(metric))
+
+
 def _search_params(index: Any, nprobe: int | None, k_factor: float | None, keep: list[Any]) -> Any:
     """Nested faiss SearchParameters mirroring the index's structure; `keep` holds every
     object so that the C++ side never points at a collected Python object."""
@@ -87,6 +100,7 @@ class ApproxIndex:
     def __init__(self, index: Any, spec: str, metric: Metric, nprobe: int, k_factor: float) -> None:
         self.index, self.spec, self.metric = index, spec, metric
         self.nprobe, self.k_factor = nprobe, k_factor
+        self.meta: dict[str, Any] = {}  # caller's notes, saved with the index
 
     @property
     def d(self) -> int:
@@ -123,11 +137,7 @@ class ApproxIndex:
             raise InvalidInputError("cannot build an index on no vectors")
         ids_a = np.arange(nb, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
         spec = spec or default_spec(nb, d)
-        try:
-            index = faiss.index_factory(d, spec, _FAISS_METRIC[metric])
-        except RuntimeError as exc:
-            msg = str(exc).splitlines()[-1] if str(exc) else repr(exc)
-            raise FactoryStringError(f"faiss cannot build {spec!r} for d={d}: {msg}") from exc
+        index = _factory(d, spec, metric)
         sample = xn
         if nb > train_size:
             rows = np.random.default_rng(seed).choice(nb, train_size, replace=False)
@@ -177,6 +187,8 @@ class ApproxIndex:
             "sha256": sha,
             "d": self.d,
             "ntotal": self.ntotal,
+            "bytes": int(blob.size),
+            "meta": self.meta,
         }
         st.write_bytes(p.with_suffix(p.suffix + ".json"), json.dumps(meta).encode())
 
@@ -190,10 +202,6 @@ class ApproxIndex:
             index = faiss.deserialize_index(np.fromfile(p, dtype=np.uint8))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise CorruptBankError(f"{p.name}: cannot load index ({exc})") from exc
-        return cls(
-            index, meta["spec"], meta["metric"], int(meta["nprobe"]), float(meta["k_factor"])
-        )
-
-    @property
-    def nbytes(self) -> int:
-        return int(faiss.serialize_index(self.index).size)
+        out = cls(index, meta["spec"], meta["metric"], int(meta["nprobe"]), float(meta["k_factor"]))
+        out.meta = dict(meta.get("meta", {}))
+        return out

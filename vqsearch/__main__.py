@@ -1,0 +1,44 @@
+"""Command line: `vqsearch serve` (also `python -m vqsearch serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vqsearch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP server (settings from VQSEARCH_* env)")
+    serve.add_argument("--host", help="overrides VQSEARCH_HOST")
+    serve.add_argument("--port", type=int, help="overrides VQSEARCH_PORT")
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    from vqsearch.service import Settings, create_app
+
+    settings = Settings()
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.workers > 1:
+        uvicorn.run(
+            "vqsearch.service._factory:app",
+            host=host,
+            port=port,
+            workers=args.workers,
+            factory=True,
+            log_level=settings.log_level,
+        )
+    else:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

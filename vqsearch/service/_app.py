@@ -1,0 +1,103 @@
+"""The FastAPI application: state built in `lifespan`, engine errors mapped to HTTP answers."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from vqsearch import __version__
+from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
+
+from ._registry import BankExistsError, Registry, UnknownBankError
+from ._settings import Settings
+from .routes import banks, health, query
+
+log = logging.getLogger("vqsearch")
+DEMO_NAME, DEMO_SHAPE, DEMO_SEED = "demo", (1024, 256), 0
+
+
+def _error(status: int, detail: object) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _add_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UnknownBankError)
+    async def _404(_: Request, exc: Exception) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(BankExistsError)
+    @app.exception_handler(DuplicateIdError)
+    async def _409(_: Request, exc: Exception) -> JSONResponse:
+        return _error(409, str(exc))
+
+    @app.exception_handler(InvalidInputError)
+    async def _422(_: Request, exc: Exception) -> JSONResponse:
+        return _error(422, f"{type(exc).__name__}: {exc}")
+
+    @app.exception_handler(ValidationError)
+    async def _422_params(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ValidationError)
+        return _error(422, exc.errors(include_url=False, include_context=False))
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, exc: Exception) -> JSONResponse:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _error(507, f"out of disk space; nothing was written: {exc}")
+        log.error("storage error: %s", exc)
+        return _error(500, f"storage error: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _422_request(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _error(
+            422, [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
+        )
+
+
+def demo_codebook() -> np.ndarray:
+    """The seeded demo codebook (1024 x 256): what `make run` serves on an empty data dir."""
+    return np.random.default_rng(DEMO_SEED).standard_normal(DEMO_SHAPE, dtype=np.float32)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = Registry(settings.data_dir, auto_rebuild=settings.auto_rebuild)
+        app.state.settings, app.state.registry = settings, registry
+        registry.load()
+        if settings.demo and not registry.entries:
+            registry.create(DEMO_NAME, DEMO_SHAPE[1], "l2", demo_codebook(), None)
+            log.info("created the demo codebook %r %s", DEMO_NAME, DEMO_SHAPE)
+        log.info("serving %d banks from %s", len(registry.entries), settings.data_dir)
+        try:
+            yield
+        finally:
+            registry.close()
+
+    app = FastAPI(
+        title="vqsearch",
+        version=__version__,
+        lifespan=lifespan,
+        description=(
+            "Nearest-neighbour search for codebooks and embedding banks. Bodies are JSON "
+            "(nested lists) or NumPy binary: one `.npy` array (`application/x-npy`) or several "
+            "in an `.npz` (`application/x-npz`); answers follow `Accept`, else the request's "
+            "format. Every bank answer carries `X-Vqsearch-Bank-Version`; pin it with `If-Match`."
+        ),
+    )
+    _add_handlers(app)
+    app.include_router(health.router)
+    app.include_router(banks.router)
+    app.include_router(query.router)
+    return app

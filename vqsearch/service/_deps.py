@@ -1,0 +1,51 @@
+"""FastAPI dependencies: the settings, the registry, a bank by name (with `If-Match`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Path, Request
+
+from ._registry import Entry, Registry
+from ._settings import Settings
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+VERSION_HEADER = "X-Vqsearch-Bank-Version"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+BankName = Annotated[
+    str, Path(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '-'; at most 64")
+]
+
+
+def get_entry(
+    name: BankName,
+    registry: RegistryDep,
+    if_match: Annotated[
+        str | None, Header(description="bank version the request is pinned to")
+    ] = None,
+) -> Entry:
+    """The named bank (404 if none); 412 if `If-Match` names a version it no longer has."""
+    entry = registry.get(name)
+    if if_match is not None:
+        wanted = {v.strip().removeprefix("W/").strip('"') for v in if_match.split(",")}
+        if "*" not in wanted and entry.version not in wanted:
+            raise HTTPException(
+                412,
+                f"bank {name!r} is at version {entry.version}, not {if_match}",
+                headers={VERSION_HEADER: entry.version},
+            )
+    return entry
+
+
+EntryDep = Annotated[Entry, Depends(get_entry)]

@@ -1,0 +1,94 @@
+"""Request parameters and bodies, as pydantic models (they also document the API)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from vqsearch.index._validate import as_tensor
+
+Mode = Literal["exact", "approx"]
+NPY_NOTE = "or the same array as a `.npy` body (`Content-Type: application/x-npy`)"
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def merged(self, body: dict[str, Any], arrays: tuple[str, ...]) -> Any:
+        """These parameters (from the query string) overridden by the JSON body's own fields."""
+        fields = {k: v for k, v in body.items() if k not in arrays}
+        return type(self).model_validate(self.model_dump(exclude_unset=True) | fields)
+
+
+class SearchParams(_Params):
+    k: int = Field(10, ge=1, description="neighbours per query")
+    mode: Mode = Field("exact", description="exact (float64-exact) or approx (faiss index)")
+    nprobe: int | None = Field(None, ge=1, description="approx: IVF lists to scan")
+    k_factor: float | None = Field(None, ge=1, le=1024, description="approx: re-rank k*k_factor")
+
+
+class NearestParams(_Params):
+    mode: Mode = "exact"
+    nprobe: int | None = Field(None, ge=1)
+    k_factor: float | None = Field(None, ge=1, le=1024)
+    channel_axis: int | None = Field(
+        None, description="axis of the input holding the vector (1 for (B, C, H, W)); default last"
+    )
+    return_quantized: bool = Field(False, description="also return z_q in the input's layout")
+    return_error: bool = Field(False, description="also return ||z - z_q||^2 per vector")
+    codes_dtype: Literal["int16", "int32", "int64"] = "int64"
+
+
+class DecodeParams(_Params):
+    channel_axis: int | None = Field(None, description="where the vector axis goes; default last")
+
+
+class CreateParams(_Params):
+    metric: Literal["l2", "ip", "cosine"] = "l2"
+    d: int | None = Field(None, ge=1, le=65536, description="width, for a bank made empty")
+
+
+class IndexParams(_Params):
+    spec: str | None = Field(None, description="faiss index_factory string; default from nb, d")
+    train_size: int | None = Field(None, ge=1, description="vectors sampled for training")
+
+
+class QueriesBody(BaseModel):
+    queries: list[Any] = Field(description=f"(nq, d) nested list of numbers, {NPY_NOTE}")
+
+
+def array_field(body: dict[str, Any], name: str, required: bool = True) -> Any:
+    """A numeric array from the body; 422 naming the field when it is missing or not numeric."""
+    if name not in body or body[name] is None:
+        if required:
+            raise HTTPException(422, f"the body has no {name!r} field")
+        return None
+    return as_tensor(body[name], name).numpy()
+
+
+def body_doc(fields: dict[str, str], main: str) -> dict[str, Any]:
+    """OpenAPI for a body that is JSON or NumPy binary."""
+    props = {k: {"description": v} for k, v in fields.items()}
+    return {
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": {"type": "object", "properties": props}},
+                "application/x-npy": {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": f"the {main!r} array as .npy (never pickled)",
+                    }
+                },
+                "application/x-npz": {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "several named arrays as .npz: " + ", ".join(fields),
+                    }
+                },
+            }
+        }
+    }

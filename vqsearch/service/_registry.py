@@ -1,0 +1,232 @@
+"""Banks on disk: one directory per bank under `<data_dir>/banks/`, each with its approximate
+index in `index/`. Creation builds the bank in a temporary directory and renames it into place;
+deletion renames it into `trash/` first: a crash leaves a bank whole or absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vqsearch.index import ApproxIndex, Bank, StorageError, VQSearchError
+from vqsearch.index._validate import Metric
+
+log = logging.getLogger("vqsearch")
+INDEX_FILE = "index/index.faiss"
+
+
+class BankExistsError(Exception):
+    pass
+
+
+class UnknownBankError(Exception):
+    pass
+
+
+@dataclass
+class IndexState:
+    """The bank's approximate index as the API reports it."""
+
+    spec: str
+    state: str = "queued"  # queued | training | adding | saving | ready | stale | failed
+    progress: float = 0.0
+    error: str | None = None
+    bank_version: str | None = None
+    build_seconds: float | None = None
+
+    def info(self, index: ApproxIndex | None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "spec": self.spec,
+            "state": self.state,
+            "progress": self.progress,
+            "error": self.error,
+            "bank_version": self.bank_version,
+            "build_seconds": self.build_seconds,
+        }
+        if index is not None:
+            out |= {
+                "nprobe": index.nprobe,
+                "k_factor": index.k_factor,
+                "nlist": index.nlist,
+                "ntotal": index.ntotal,
+            }
+        return out
+
+
+@dataclass
+class Entry:
+    name: str
+    bank: Bank
+    index: ApproxIndex | None = None  # set only while it matches the bank's content
+    build: IndexState | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def version(self) -> str:
+        """Content hash and generation: what `X-Vqsearch-Bank-Version` carries."""
+        return f"{self.bank.version}-{self.bank.generation}"
+
+    def info(self) -> dict[str, Any]:
+        b = self.bank
+        return {
+            "name": self.name,
+            "d": b.d,
+            "count": b.ntotal,
+            "metric": b.metric,
+            "bytes": b.nbytes,
+            "version": self.version,
+            "generation": b.generation,
+            "segments": b.num_segments,
+            "max_id": int(b.ids().max()) if b.ntotal else None,
+            "index": None if self.build is None else self.build.info(self.index),
+        }
+
+
+class Registry:
+    """All banks of a data directory, loaded at start; index builds on one worker thread."""
+
+    def __init__(self, root: Path, auto_rebuild: bool = True) -> None:
+        self.root = Path(root)
+        self.banks_dir, self.trash = self.root / "banks", self.root / "trash"
+        self.auto_rebuild = auto_rebuild
+        self.entries: dict[str, Entry] = {}
+        self.loaded = False
+        self._lock = threading.Lock()
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="vqsearch-build")
+
+    def load(self) -> None:
+        self.banks_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.trash, ignore_errors=True)
+        for p in sorted(self.banks_dir.iterdir()):
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)  # a creation that never finished
+                continue
+            try:
+                entry = Entry(p.name, Bank.open(p))
+            except VQSearchError as exc:
+                log.error("bank %s not loaded: %s", p.name, exc)
+                continue
+            self._load_index(entry)
+            self.entries[p.name] = entry
+        self.loaded = True
+
+    def _load_index(self, entry: Entry) -> None:
+        path = entry.bank.path / INDEX_FILE  # type: ignore[operator]
+        if not path.exists():
+            return
+        try:
+            index = ApproxIndex.load(path)
+        except VQSearchError as exc:
+            log.error("index of %s not loaded: %s", entry.name, exc)
+            return
+        entry.build = IndexState(
+            index.spec,
+            "ready",
+            1.0,
+            bank_version=index.meta.get("bank_version"),
+            build_seconds=index.meta.get("build_seconds"),
+        )
+        if entry.build.bank_version == entry.version:
+            entry.index = index
+        else:
+            self._stale(entry)
+
+    def close(self) -> None:
+        self._builder.shutdown(wait=True, cancel_futures=True)
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise UnknownBankError(f"no bank named {name!r}") from None
+
+    def create(self, name: str, d: int, metric: Metric, vectors: Any, ids: Any) -> Entry:
+        with self._lock:
+            if name in self.entries:
+                raise BankExistsError(f"bank {name!r} already exists")
+            tmp = self.banks_dir / f".{name}.{uuid.uuid4().hex}"
+            try:
+                bank = Bank.create(tmp, d, metric)
+                if vectors is not None and len(vectors):
+                    bank.add(vectors, ids)
+                tmp.rename(self.banks_dir / name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            entry = Entry(name, Bank.open(self.banks_dir / name, verify=False))
+            self.entries[name] = entry
+            return entry
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            entry = self.get(name)
+            self.trash.mkdir(exist_ok=True)
+            assert entry.bank.path is not None
+            entry.bank.path.rename(self.trash / f"{name}.{uuid.uuid4().hex}")
+            del self.entries[name]
+        shutil.rmtree(self.trash, ignore_errors=True)
+
+    # -- writes and the index they make stale ---------------------------------------------------
+
+    def add(self, entry: Entry, vectors: Any, ids: Any) -> np.ndarray:
+        with entry.lock:
+            added = entry.bank.add(vectors, ids)
+            self._stale(entry)
+            return added
+
+    def remove(self, entry: Entry, ids: Any) -> int:
+        with entry.lock:
+            n = entry.bank.remove(ids)
+            self._stale(entry)
+            return n
+
+    def _stale(self, entry: Entry) -> None:
+        """The index no longer holds the bank's content: stop serving it; maybe rebuild."""
+        entry.index = None
+        if entry.build is not None and entry.build.state in ("ready", "failed", "stale"):
+            entry.build.state = "stale"
+            if self.auto_rebuild:
+                self.build_index(entry, entry.build.spec)
+
+    def build_index(self, entry: Entry, spec: str | None, **kw: Any) -> IndexState:
+        """Queue a build; the current index (if any) serves until the new one is ready."""
+        state = IndexState(spec or "")
+        entry.build = state
+        self._builder.submit(self._build, entry, state, spec, kw)
+        return state
+
+    def _build(self, entry: Entry, state: IndexState, spec: str | None, kw: dict[str, Any]) -> None:
+        if entry.build is not state:
+            return  # superseded by a newer request while queued
+        t0 = time.perf_counter()
+        try:
+            with entry.lock:  # a consistent snapshot: no write can land between the two reads
+                vectors, ids, version = entry.bank.vectors(), entry.bank.ids(), entry.version
+            state.state, state.progress = "training", 0.1
+            index = ApproxIndex.build(vectors, ids, entry.bank.metric, spec, **kw)
+            state.spec, state.state, state.progress = index.spec, "saving", 0.9
+            state.build_seconds = round(time.perf_counter() - t0, 3)
+            index.meta = {"bank_version": version, "build_seconds": state.build_seconds}
+            assert entry.bank.path is not None
+            (entry.bank.path / "index").mkdir(exist_ok=True)
+            index.save(entry.bank.path / INDEX_FILE)
+        except (VQSearchError, StorageError, OSError, RuntimeError, MemoryError) as exc:
+            state.state, state.error = "failed", str(exc)
+            log.error("index build for %s failed: %s", entry.name, exc)
+            return
+        with entry.lock:
+            if entry.build is not state:
+                return
+            state.bank_version, state.progress = version, 1.0
+            if entry.version == version:
+                entry.index, state.state = index, "ready"
+            else:
+                self._stale(entry)

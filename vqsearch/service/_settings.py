@@ -1,0 +1,27 @@
+"""Service settings: one `BaseSettings`, read from `VQSEARCH_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting has an env variable: the field name upper-cased behind `VQSEARCH_`."""
+
+    model_config = SettingsConfigDict(env_prefix="VQSEARCH_", extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="where banks are stored")
+    host: str = Field("127.0.0.1", description="address `vqsearch serve` binds to")
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", description="torch device for exact search: auto, cpu, cuda")
+    demo: bool = Field(False, description="create the demo codebook when the data dir is empty")
+    max_body_bytes: int = Field(256 << 20, ge=1, description="largest request body accepted")
+    max_queries: int = Field(1 << 20, ge=1, description="most vectors in one request")
+    max_k: int = Field(1024, ge=1, description="largest k of a search")
+    auto_rebuild: bool = Field(
+        True, description="rebuild a bank's approximate index in the background after writes"
+    )
+    log_level: str = Field("info")

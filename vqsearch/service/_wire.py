@@ -1,0 +1,124 @@
+"""Wire formats: JSON (nested lists) and NumPy binary (`.npy` one array, `.npz` several).
+
+Requests pick the format by `Content-Type`; answers by `Accept`, defaulting to the request's own
+format. Bodies are never unpickled (`allow_pickle=False`), and `.npz` members are size-checked
+before they are inflated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+JSON = "application/json"
+BINARY = (NPY, NPZ, "application/octet-stream")
+
+
+def media_type(header: str | None) -> str:
+    return (header or "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) anything over `limit` before reading past it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _load_npy(body: bytes) -> np.ndarray:
+    try:
+        a = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise HTTPException(400, f"body is not a readable .npy array: {exc}") from exc
+    if not isinstance(a, np.ndarray):
+        raise HTTPException(400, "body is not a single .npy array")
+    return a
+
+
+def _load_npz(body: bytes, limit: int) -> dict[str, np.ndarray]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
+            if sum(i.file_size for i in zf.infolist()) > limit:
+                raise HTTPException(413, f"npz members inflate beyond the limit of {limit} bytes")
+            with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise HTTPException(400, f"body is not a readable .npz archive: {exc}") from exc
+
+
+async def decode(request: Request, limit: int, main: str) -> dict[str, Any]:
+    """Body -> fields. JSON gives its object; .npy gives {main: array}; .npz its arrays."""
+    ctype = media_type(request.headers.get("content-type"))
+    if ctype not in (JSON, NPY, NPZ, "application/octet-stream"):
+        raise HTTPException(
+            415, f"unsupported Content-Type {ctype or '(none)'!r}; use {JSON}, {NPY} or {NPZ}"
+        )
+    body = await read_body(request, limit)
+    if ctype == JSON:
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise HTTPException(422, f"JSON body must be an object with a {main!r} field")
+        return doc
+    if ctype == NPZ:
+        return _load_npz(body, limit)
+    return {main: _load_npy(body)}
+
+
+def wants_binary(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    kinds = {media_type(a) for a in accept.split(",")} if accept else set()
+    if kinds & set(BINARY):
+        return True
+    if JSON in kinds:
+        return False
+    return media_type(request.headers.get("content-type")) in BINARY
+
+
+def _jsonable(a: np.ndarray) -> Any:
+    # JSON has no inf/nan: faiss marks missing results with them; send null instead.
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        out = a.astype(object)
+        out[~np.isfinite(a)] = None
+        return out.tolist()
+    return a.tolist()
+
+
+def respond(
+    request: Request,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """One array -> .npy, several -> uncompressed .npz, or a JSON object of nested lists."""
+    if wants_binary(request):
+        buf = io.BytesIO()
+        if len(arrays) == 1:
+            np.save(buf, next(iter(arrays.values())), allow_pickle=False)
+            kind = NPY
+        else:
+            np.savez(buf, allow_pickle=False, **arrays)
+            kind = NPZ
+        return Response(buf.getvalue(), media_type=kind, headers=headers)
+    body = {k: _jsonable(v) for k, v in arrays.items()} | (meta or {})
+    return JSONResponse(body, headers=headers)

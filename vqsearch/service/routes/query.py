@@ -1,0 +1,156 @@
+"""Queries: top-k search, nearest code (tokenize), decode (codes back to vectors)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from .._deps import VERSION_HEADER, EntryDep, SettingsDep
+from .._params import DecodeParams, NearestParams, SearchParams, array_field, body_doc
+from .._registry import Entry
+from .._settings import Settings
+from .._wire import decode, respond
+
+router = APIRouter(prefix="/v1/banks", tags=["search"])
+
+
+def _rows(n: int, settings: Settings) -> None:
+    if n > settings.max_queries:
+        raise HTTPException(
+            422, f"{n} vectors exceed the limit of {settings.max_queries} per request"
+        )
+
+
+def _approx_or_409(entry: Entry) -> Any:
+    index = entry.index
+    if index is None:
+        state = entry.build.state if entry.build else "absent"
+        raise HTTPException(
+            409,
+            f"bank {entry.name!r} has no ready approximate index (index state: {state}); "
+            "build one with PUT /v1/banks/{name}/index or use mode=exact",
+        )
+    return index
+
+
+def _search(entry: Entry, xq: np.ndarray, p: Any, k: int, device: str) -> tuple[Any, Any]:
+    if p.mode == "approx":
+        return _approx_or_409(entry).search(xq, k, nprobe=p.nprobe, k_factor=p.k_factor)
+    return entry.bank.search(xq, k, device=device)
+
+
+def _axis(axis: int | None, ndim: int) -> int:
+    if axis is None:
+        return ndim - 1
+    if not -ndim <= axis < ndim:
+        raise HTTPException(422, f"channel_axis={axis} is out of range for {ndim} axes")
+    return axis % ndim
+
+
+@router.post(
+    "/{name}/search",
+    summary="Top-k neighbours of each query",
+    openapi_extra=body_doc(
+        {"queries": "(nq, d) numbers", "k": "int", "mode": "exact|approx"}, "queries"
+    ),
+)
+async def search(
+    request: Request,
+    entry: EntryDep,
+    settings: SettingsDep,
+    params: Annotated[SearchParams, Query()],
+) -> Response:
+    """Answers `ids` (nq, k) int64 and `distances` (nq, k) float32 (l2: squared distances,
+    ip and cosine: similarities), nearest first; as JSON or an `.npz` of the two arrays. In
+    approx mode an id of -1 (distance null in JSON) means fewer than k were found."""
+    body = await decode(request, settings.max_body_bytes, "queries")
+    p = params.merged(body, ("queries",))
+    xq = array_field(body, "queries")
+    _rows(len(xq) if xq.ndim else 1, settings)
+    if p.k > settings.max_k:
+        raise HTTPException(422, f"k={p.k} exceeds the limit of {settings.max_k}")
+    D, I = await run_in_threadpool(_search, entry, xq, p, p.k, settings.device)
+    headers = {VERSION_HEADER: entry.version, "X-Vqsearch-Mode": p.mode}
+    return respond(request, {"ids": I, "distances": D}, {"mode": p.mode}, headers)
+
+
+def _nearest(entry: Entry, z: np.ndarray, p: NearestParams, device: str) -> dict[str, np.ndarray]:
+    if z.ndim < 1:
+        raise HTTPException(422, "queries must have at least one axis (the vector axis)")
+    axis = _axis(p.channel_axis, z.ndim)
+    zl = np.moveaxis(z, axis, -1)
+    lead, flat = zl.shape[:-1], zl.reshape(-1, zl.shape[-1])
+    codes = _search(entry, flat, p, 1, device)[1][:, 0]
+    if (codes < 0).any():
+        raise HTTPException(
+            409, "the approximate index found no code for some vectors; raise nprobe"
+        )
+    top = np.iinfo(p.codes_dtype).max
+    if len(codes) and int(codes.max()) > top:
+        raise HTTPException(422, f"codes_dtype={p.codes_dtype} cannot hold code {int(codes.max())}")
+    out = {"codes": codes.astype(p.codes_dtype).reshape(lead)}
+    if p.return_quantized or p.return_error:
+        zq = entry.bank.get(codes)
+        if p.return_error:
+            err = ((flat.astype(np.float64) - zq) ** 2).sum(1)
+            out["errors"] = err.astype(np.float32).reshape(lead)
+        if p.return_quantized:
+            out["quantized"] = np.moveaxis(zq.reshape(*lead, -1), -1, axis)
+    return out
+
+
+@router.post(
+    "/{name}/nearest",
+    summary="Nearest code of every vector (vector-quantizer tokenization)",
+    openapi_extra=body_doc(
+        {"queries": "(..., d) numbers, or (B, C, H, W) with channel_axis=1"}, "queries"
+    ),
+)
+async def nearest(
+    request: Request,
+    entry: EntryDep,
+    settings: SettingsDep,
+    params: Annotated[NearestParams, Query()],
+) -> Response:
+    """`codes` keep the leading shape: (..., d) -> (...); with `channel_axis` that axis is the
+    vector axis, so (B, C, H, W) -> (B, H, W). Optionally `quantized` (z_q, the input's layout)
+    and `errors` (||z - z_q||^2, float32). One array answers as `.npy`, several as `.npz`."""
+    body = await decode(request, settings.max_body_bytes, "queries")
+    p = params.merged(body, ("queries",))
+    z = array_field(body, "queries")
+    _rows(int(np.prod(z.shape[:-1])) if z.ndim else 1, settings)
+    out = await run_in_threadpool(_nearest, entry, z, p, settings.device)
+    headers = {VERSION_HEADER: entry.version, "X-Vqsearch-Mode": p.mode}
+    return respond(request, out, {"mode": p.mode}, headers)
+
+
+def _decode(entry: Entry, codes: np.ndarray, p: DecodeParams) -> np.ndarray:
+    if codes.dtype.kind == "f" and not np.array_equal(codes, np.round(codes)):
+        raise HTTPException(422, "codes must be integers")
+    vectors = entry.bank.get(codes.astype(np.int64))
+    return np.moveaxis(vectors, -1, _axis(p.channel_axis, vectors.ndim))
+
+
+@router.post(
+    "/{name}/decode",
+    summary="Codes of any shape back to their vectors",
+    openapi_extra=body_doc({"codes": "integer ids of any shape"}, "codes"),
+)
+async def decode_codes(
+    request: Request,
+    entry: EntryDep,
+    settings: SettingsDep,
+    params: Annotated[DecodeParams, Query()],
+) -> Response:
+    """`vectors` of shape codes.shape + (d,), or with `channel_axis` the d axis put there
+    ((B, H, W) codes with channel_axis=1 -> (B, d, H, W) latents). Unknown codes: 422."""
+    body = await decode(request, settings.max_body_bytes, "codes")
+    p = params.merged(body, ("codes",))
+    codes = array_field(body, "codes")
+    _rows(int(codes.size), settings)
+    out = await run_in_threadpool(_decode, entry, codes, p)
+    return respond(request, {"vectors": out}, None, {VERSION_HEADER: entry.version})
