@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 
+import httpx
 import numpy as np
 import pytest
-import asyncio
-
-import httpx
 
 from tests.conftest import brute_force
 from tests.service.conftest import CODEBOOK, app_client, npy
-from vqsearch.service import Settings, create_app
 
 NPY, NPZ = "application/x-npy", "application/x-npz"
 

@@ -81,14 +81,11 @@ class AsyncClient(Methods):
 
     async def _execute(self, plan: Plan) -> Any:
         sem = asyncio.Semaphore(self.max_concurrency)
-        calls = plan.calls
-        first = await self._one(calls[0], sem)
-        if plan.pin_version and len(calls) > 1:
-            version = getattr(first, "version", None) or ""
-            for c in calls[1:]:
-                c.headers["if-match"] = version
-        rest = await asyncio.gather(*(self._one(c, sem) for c in calls[1:]))
-        return plan.combine([first, *rest])
+        first, *later = plan.calls
+        resp = await self.send(first)
+        plan.pin(later, resp)
+        rest = await asyncio.gather(*(self._one(c, sem) for c in later))
+        return plan.combine([first.parse(resp), *rest])
 
     def _run(self, plan: Plan) -> Any:
         return self._execute(plan)

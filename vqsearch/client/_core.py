@@ -50,6 +50,13 @@ class Plan:
     combine: Callable[[list[Any]], Any] = lambda results: results[0]
     pin_version: bool = False  # chunks after the first must see the bank version it saw
 
+    def pin(self, later: list[Call], first: httpx.Response) -> None:
+        """Make the later chunks fail with 412 if the bank changed since the first one."""
+        version = first.headers.get(VERSION_HEADER)
+        if self.pin_version and version:
+            for call in later:
+                call.headers["if-match"] = version
+
 
 @dataclass
 class SearchResult:

@@ -70,12 +70,10 @@ class Client(Methods):
         raise ServiceUnavailableError(503, "retries exhausted", "")  # pragma: no cover
 
     def _run(self, plan: Plan) -> Any:
-        results = [plan.calls[0].parse(self.send(plan.calls[0]))]
-        if plan.pin_version:
-            for c in plan.calls[1:]:
-                c.headers["if-match"] = getattr(results[0], "version", None) or ""
-        results += [c.parse(self.send(c)) for c in plan.calls[1:]]
-        return plan.combine(results)
+        first, *later = plan.calls
+        resp = self.send(first)
+        plan.pin(later, resp)
+        return plan.combine([first.parse(resp), *(c.parse(self.send(c)) for c in later)])
 
     def wait_index(self, name: str, timeout: float = 600.0, poll: float = 0.2) -> Any:
         """Poll the bank until its index is ready (returns the bank info) or failed (raises)."""
