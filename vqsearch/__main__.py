@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.workers > 1 and not settings.read_only:
+        # Each worker holds its own copy of every bank's state: writes landing on different
+        # workers would overwrite each other's manifests. Several workers serve reads only.
+        parser.error("--workers > 1 needs VQSEARCH_READ_ONLY=1 (writes go to one primary)")
     if args.workers > 1:
         uvicorn.run(
             "vqsearch.service._factory:app",

@@ -308,3 +308,27 @@ async def test_demo_codebook_on_empty_data_dir(settings):
         info = (await c.get("/v1/banks/demo")).json()
         assert (info["count"], info["d"]) == (1024, 256)
         assert (await c.get("/readyz")).json() == {"status": "ready", "banks": 1}
+
+
+async def test_float16_and_float64_queries_accepted(api, rng):
+    """float16 and float64 .npy queries are converted and answered like float32 ones."""
+    xq = rng.standard_normal((5, 16)).astype(np.float16)
+    answers = []
+    for dtype in (np.float16, np.float64):
+        r = await api.post(
+            "/v1/banks/cb/search?k=2", content=npy(xq.astype(dtype)), headers={"content-type": NPY}
+        )
+        answers.append(_npz(r.content)["ids"])
+    np.testing.assert_array_equal(answers[0], answers[1])
+    np.testing.assert_array_equal(
+        answers[0], brute_force(xq.astype(np.float32), CODEBOOK, 2, "l2")[1]
+    )
+
+
+async def test_read_only_replica_serves_reads_and_refuses_writes(api, settings):
+    """A read-only server on the same data dir answers searches and refuses writes with 405."""
+    async with app_client(settings.model_copy(update={"read_only": True})) as ro:
+        r = await ro.post("/v1/banks/cb/search", json={"queries": CODEBOOK[:1].tolist(), "k": 1})
+        assert r.json()["ids"] == [[0]]
+        w = await ro.post("/v1/banks/cb/vectors", json={"vectors": CODEBOOK[:1].tolist()})
+        assert w.status_code == 405 and "read-only" in w.json()["detail"]

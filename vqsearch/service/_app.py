@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from vqsearch import __version__
 from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 
-from ._registry import BankExistsError, Registry, UnknownBankError
+from ._registry import BankExistsError, ReadOnlyError, Registry, UnknownBankError
 from ._settings import Settings
 from .routes import banks, health, query
 
@@ -37,6 +37,10 @@ def _add_handlers(app: FastAPI) -> None:
     @app.exception_handler(DuplicateIdError)
     async def _409(_: Request, exc: Exception) -> JSONResponse:
         return _error(409, str(exc))
+
+    @app.exception_handler(ReadOnlyError)
+    async def _405(_: Request, exc: Exception) -> JSONResponse:
+        return _error(405, str(exc))
 
     @app.exception_handler(InvalidInputError)
     async def _422(_: Request, exc: Exception) -> JSONResponse:
@@ -73,10 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = Registry(settings.data_dir, auto_rebuild=settings.auto_rebuild)
+        registry = Registry(settings.data_dir, settings.auto_rebuild, settings.read_only)
         app.state.settings, app.state.registry = settings, registry
         registry.load()
-        if settings.demo and not registry.entries:
+        if settings.demo and not registry.entries and not settings.read_only:
             registry.create(DEMO_NAME, DEMO_SHAPE[1], "l2", demo_codebook(), None)
             log.info("created the demo codebook %r %s", DEMO_NAME, DEMO_SHAPE)
         log.info("serving %d banks from %s", len(registry.entries), settings.data_dir)

@@ -32,6 +32,10 @@ class UnknownBankError(Exception):
     pass
 
 
+class ReadOnlyError(Exception):
+    pass
+
+
 @dataclass
 class IndexState:
     """The bank's approximate index as the API reports it."""
@@ -94,8 +98,9 @@ class Entry:
 class Registry:
     """All banks of a data directory, loaded at start; index builds on one worker thread."""
 
-    def __init__(self, root: Path, auto_rebuild: bool = True) -> None:
+    def __init__(self, root: Path, auto_rebuild: bool = True, read_only: bool = False) -> None:
         self.root = Path(root)
+        self.read_only = read_only
         self.banks_dir, self.trash = self.root / "banks", self.root / "trash"
         self.auto_rebuild = auto_rebuild
         self.entries: dict[str, Entry] = {}
@@ -104,14 +109,16 @@ class Registry:
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="vqsearch-build")
 
     def load(self) -> None:
-        self.banks_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.trash, ignore_errors=True)
-        for p in sorted(self.banks_dir.iterdir()):
+        if not self.read_only:
+            self.banks_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.trash, ignore_errors=True)
+        for p in sorted(self.banks_dir.iterdir()) if self.banks_dir.exists() else []:
             if p.name.startswith("."):
-                shutil.rmtree(p, ignore_errors=True)  # a creation that never finished
+                if not self.read_only:
+                    shutil.rmtree(p, ignore_errors=True)  # a creation that never finished
                 continue
             try:
-                entry = Entry(p.name, Bank.open(p))
+                entry = Entry(p.name, Bank.open(p, writable=not self.read_only))
             except VQSearchError as exc:
                 log.error("bank %s not loaded: %s", p.name, exc)
                 continue
@@ -149,7 +156,12 @@ class Registry:
         except KeyError:
             raise UnknownBankError(f"no bank named {name!r}") from None
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError("this server is a read-only replica; send writes to the primary")
+
     def create(self, name: str, d: int, metric: Metric, vectors: Any, ids: Any) -> Entry:
+        self._writable()
         with self._lock:
             if name in self.entries:
                 raise BankExistsError(f"bank {name!r} already exists")
@@ -166,6 +178,7 @@ class Registry:
             return entry
 
     def delete(self, name: str) -> None:
+        self._writable()
         with self._lock:
             entry = self.get(name)
             self.trash.mkdir(exist_ok=True)
@@ -177,12 +190,14 @@ class Registry:
     # -- writes and the index they make stale ---------------------------------------------------
 
     def add(self, entry: Entry, vectors: Any, ids: Any) -> np.ndarray:
+        self._writable()
         with entry.lock:
             added = entry.bank.add(vectors, ids)
             self._stale(entry)
             return added
 
     def remove(self, entry: Entry, ids: Any) -> int:
+        self._writable()
         with entry.lock:
             n = entry.bank.remove(ids)
             self._stale(entry)
@@ -198,6 +213,7 @@ class Registry:
 
     def build_index(self, entry: Entry, spec: str | None, **kw: Any) -> IndexState:
         """Queue a build; the current index (if any) serves until the new one is ready."""
+        self._writable()
         state = IndexState(spec or "")
         entry.build = state
         self._builder.submit(self._build, entry, state, spec, kw)

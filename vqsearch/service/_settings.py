@@ -24,4 +24,8 @@ class Settings(BaseSettings):
     auto_rebuild: bool = Field(
         True, description="rebuild a bank's approximate index in the background after writes"
     )
+    read_only: bool = Field(
+        False,
+        description="serve reads only (replicas; required for several workers): writes get 405",
+    )
     log_level: str = Field("info")
