@@ -14,7 +14,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="overrides VQSEARCH_HOST")
     serve.add_argument("--port", type=int, help="overrides VQSEARCH_PORT")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    from vqsearch import _compare
+
+    compare = sub.add_parser("compare", help="measure recall against speed; table, JSON, PNG")
+    _compare.add_arguments(compare)
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare.run(args)
 
     import uvicorn
 

@@ -255,7 +255,7 @@ async def test_index_build_approx_search_and_staleness(api, rng):
     res = await api.post(
         "/v1/banks/cb/search?mode=approx&k=1&k_factor=16", json={"queries": xq.tolist()}
     )
-    assert res.status_code == 200 and res.headers["x-vqsearch-mode"] == "approx"
+    assert res.status_code == 200 and res.headers["x-vqsearch-setting"].startswith("PQ8x4fs,RFlat;")
     assert (np.array(res.json()["ids"])[:, 0] == np.arange(50)).mean() >= 0.95
     await api.post("/v1/banks/cb/vectors", json={"vectors": xq[:1].tolist()})
     info = await _wait_index(api, "cb")

@@ -104,6 +104,24 @@ class AsyncClient(Methods):
                 )
             await asyncio.sleep(poll)
 
+    async def wait_tradeoff(self, name: str, timeout: float = 3600.0, poll: float = 0.2) -> Any:
+        """Poll until the bank's sweep is done; returns {"state", "progress", "report"}."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            job = await self.get_tradeoff(name)
+            if sweep_done_or_raise(job):
+                return job
+            if loop.time() > deadline:
+                raise TimeoutError(f"sweep of {name!r} not done after {timeout} s: {job['state']}")
+            await asyncio.sleep(poll)
+
+
+def sweep_done_or_raise(job: dict[str, Any]) -> bool:
+    if job.get("state") == "failed":
+        raise RuntimeError(f"tradeoff sweep failed: {job.get('error')}")
+    return bool(job.get("state") == "done")
+
 
 def done_or_raise(info: dict[str, Any]) -> bool:
     index = info.get("index") or {}

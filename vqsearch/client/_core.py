@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,8 +273,10 @@ class Methods:
         nprobe: int | None = None,
         k_factor: float | None = None,
         version: str | None = None,
+        target_recall: float | None = None,
     ) -> Any:
-        """Top-k: `SearchResult` (distances, ids), each (nq, k). Large batches go in chunks."""
+        """Top-k: `SearchResult` (distances, ids), each (nq, k). Large batches go in chunks.
+        mode: exact, approx, or auto (fastest measured setting reaching `target_recall`)."""
 
         def parse(r: httpx.Response) -> SearchResult:
             a = decode_arrays(r)
@@ -291,7 +293,13 @@ class Methods:
                 parts[0].version,
             )
 
-        params = {"k": k, "mode": mode, "nprobe": nprobe, "k_factor": k_factor}
+        params = {
+            "k": k,
+            "mode": mode,
+            "nprobe": nprobe,
+            "k_factor": k_factor,
+            "target_recall": target_recall,
+        }
         return self._run(
             self._chunked(
                 f"/v1/banks/{name}/search",
@@ -315,6 +323,7 @@ class Methods:
         mode: str = "exact",
         nprobe: int | None = None,
         version: str | None = None,
+        target_recall: float | None = None,
     ) -> Any:
         """Nearest code of every vector: `NearestResult`. z (..., d) -> codes (...); with
         channel_axis=1, z (B, C, H, W) -> codes (B, H, W). Chunks split the first axis."""
@@ -341,6 +350,7 @@ class Methods:
             "codes_dtype": codes_dtype,
             "mode": mode,
             "nprobe": nprobe,
+            "target_recall": target_recall,
         }
         return self._run(
             self._chunked(
@@ -391,3 +401,37 @@ class Methods:
                 ]
             )
         )
+
+    def tradeoff(
+        self,
+        name: str,
+        queries: Any = None,
+        specs: Sequence[str] = (),
+        n_queries: int | None = None,
+        batch_sizes: Sequence[int] | None = None,
+        min_seconds: float | None = None,
+    ) -> Any:
+        """Start a recall/speed sweep of the bank (202); returns the job state."""
+        params = _clean(
+            {
+                "specs": list(specs),
+                "n_queries": n_queries,
+                "min_seconds": min_seconds,
+                "batch_sizes": None if batch_sizes is None else list(batch_sizes),
+            }
+        )
+        doc = params | ({} if queries is None else {"queries": to_numpy(queries).tolist()})
+        call = Call(
+            "POST",
+            f"/v1/banks/{name}/tradeoff",
+            lambda r: r.json(),
+            {},
+            json.dumps(doc).encode(),
+            {"content-type": JSON},
+            idempotent=False,
+        )
+        return self._run(Plan([call]))
+
+    def get_tradeoff(self, name: str) -> Any:
+        """{"state", "progress", "report"}: the last measured curve of the bank."""
+        return self._get(f"/v1/banks/{name}/tradeoff")

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from ._async import done_or_raise
+from ._async import done_or_raise, sweep_done_or_raise
 from ._core import Call, Methods, Plan, raise_for_status
 from ._exceptions import ServiceUnavailableError, TransportError
 from ._retry import backoff_seconds, should_retry
@@ -86,4 +86,15 @@ class Client(Methods):
                 raise TimeoutError(
                     f"index of {name!r} not ready after {timeout} s: {info['index']}"
                 )
+            time.sleep(poll)
+
+    def wait_tradeoff(self, name: str, timeout: float = 3600.0, poll: float = 0.2) -> Any:
+        """Poll until the bank's sweep is done; returns {"state", "progress", "report"}."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_tradeoff(name)
+            if sweep_done_or_raise(job):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sweep of {name!r} not done after {timeout} s: {job['state']}")
             time.sleep(poll)

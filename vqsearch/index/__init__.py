@@ -32,6 +32,7 @@ from ._eval import (
 )
 from ._knn import knn
 from ._pq import ApproxIndex, check_spec, default_spec
+from ._tradeoff import pareto_front, perturbed_queries, pick, sweep
 from ._validate import METRICS, Metric
 
 __all__ = [
@@ -63,5 +64,9 @@ __all__ = [
     "knn",
     "nearest_agreement",
     "one_recall_at",
+    "pareto_front",
+    "perturbed_queries",
+    "pick",
+    "sweep",
     "time_search",
 ]

@@ -18,7 +18,7 @@ from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 
 from ._registry import BankExistsError, ReadOnlyError, Registry, UnknownBankError
 from ._settings import Settings
-from .routes import banks, health, query
+from .routes import banks, health, query, tradeoff
 
 log = logging.getLogger("vqsearch")
 DEMO_NAME, DEMO_SHAPE, DEMO_SEED = "demo", (1024, 256), 0
@@ -77,7 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = Registry(settings.data_dir, settings.auto_rebuild, settings.read_only)
+        registry = Registry(
+            settings.data_dir, settings.auto_rebuild, settings.read_only, settings.query_reservoir
+        )
         app.state.settings, app.state.registry = settings, registry
         registry.load()
         if settings.demo and not registry.entries and not settings.read_only:
@@ -104,4 +106,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(banks.router)
     app.include_router(query.router)
+    app.include_router(tradeoff.router)
     return app

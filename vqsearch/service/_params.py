@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vqsearch.index._validate import as_tensor
 
-Mode = Literal["exact", "approx"]
+Mode = Literal["exact", "approx", "auto"]
 NPY_NOTE = "or the same array as a `.npy` body (`Content-Type: application/x-npy`)"
 
 
@@ -24,15 +24,21 @@ class _Params(BaseModel):
 
 class SearchParams(_Params):
     k: int = Field(10, ge=1, description="neighbours per query")
-    mode: Mode = Field("exact", description="exact (float64-exact) or approx (faiss index)")
+    mode: Mode = Field(
+        "exact",
+        description="exact (float64-exact), approx (faiss index), or auto: the fastest measured "
+        "setting reaching target_recall (10-recall@10), exact when none did",
+    )
     nprobe: int | None = Field(None, ge=1, description="approx: IVF lists to scan")
     k_factor: float | None = Field(None, ge=1, le=1024, description="approx: re-rank k*k_factor")
+    target_recall: float = Field(0.95, gt=0, le=1, description="auto: recall to reach")
 
 
 class NearestParams(_Params):
-    mode: Mode = "exact"
+    mode: Mode = Field("exact", description="as for search; auto measures 1-recall@1")
     nprobe: int | None = Field(None, ge=1)
     k_factor: float | None = Field(None, ge=1, le=1024)
+    target_recall: float = Field(0.95, gt=0, le=1)
     channel_axis: int | None = Field(
         None, description="axis of the input holding the vector (1 for (B, C, H, W)); default last"
     )
@@ -53,6 +59,13 @@ class CreateParams(_Params):
 class IndexParams(_Params):
     spec: str | None = Field(None, description="faiss index_factory string; default from nb, d")
     train_size: int | None = Field(None, ge=1, description="vectors sampled for training")
+
+
+class TradeoffParams(_Params):
+    specs: list[str] = Field([], description="other faiss specs to compare (built, then dropped)")
+    n_queries: int = Field(1000, ge=10, le=100_000, description="perturbed queries to generate")
+    batch_sizes: list[int] = Field([1, 64, 4096], min_length=1, max_length=8)
+    min_seconds: float = Field(0.2, ge=0, le=10, description="timing per point and batch size")
 
 
 class QueriesBody(BaseModel):

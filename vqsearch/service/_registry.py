@@ -5,6 +5,7 @@ deletion renames it into `trash/` first: a crash leaves a bank whole or absent.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -20,8 +21,11 @@ import numpy as np
 from vqsearch.index import ApproxIndex, Bank, StorageError, VQSearchError
 from vqsearch.index._validate import Metric
 
+from ._sampling import Reservoir
+
 log = logging.getLogger("vqsearch")
 INDEX_FILE = "index/index.faiss"
+TRADEOFF_FILE = "tradeoff.json"
 
 
 class BankExistsError(Exception):
@@ -73,6 +77,9 @@ class Entry:
     index: ApproxIndex | None = None  # set only while it matches the bank's content
     build: IndexState | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    reservoir: Reservoir | None = None
+    tradeoff: dict[str, Any] | None = None  # the last sweep's report
+    sweep: dict[str, Any] = field(default_factory=lambda: {"state": "none", "progress": 0.0})
 
     @property
     def version(self) -> str:
@@ -92,14 +99,19 @@ class Entry:
             "segments": b.num_segments,
             "max_id": int(b.ids().max()) if b.ntotal else None,
             "index": None if self.build is None else self.build.info(self.index),
+            "tradeoff": self.sweep | {"measured": self.tradeoff is not None},
+            "query_sample": None if self.reservoir is None else len(self.reservoir.sample()),
         }
 
 
 class Registry:
     """All banks of a data directory, loaded at start; index builds on one worker thread."""
 
-    def __init__(self, root: Path, auto_rebuild: bool = True, read_only: bool = False) -> None:
+    def __init__(
+        self, root: Path, auto_rebuild: bool = True, read_only: bool = False, reservoir: int = 0
+    ) -> None:
         self.root = Path(root)
+        self.reservoir_size = reservoir
         self.read_only = read_only
         self.banks_dir, self.trash = self.root / "banks", self.root / "trash"
         self.auto_rebuild = auto_rebuild
@@ -123,6 +135,8 @@ class Registry:
                 log.error("bank %s not loaded: %s", p.name, exc)
                 continue
             self._load_index(entry)
+            self._load_tradeoff(entry)
+            self._attach(entry)
             self.entries[p.name] = entry
         self.loaded = True
 
@@ -146,6 +160,20 @@ class Registry:
             entry.index = index
         else:
             self._stale(entry)
+
+    def _attach(self, entry: Entry) -> None:
+        if self.reservoir_size > 0:
+            entry.reservoir = Reservoir(self.reservoir_size, entry.bank.d)
+
+    def _load_tradeoff(self, entry: Entry) -> None:
+        path = entry.bank.path / TRADEOFF_FILE  # type: ignore[operator]
+        try:
+            entry.tradeoff = json.loads(path.read_bytes())
+            entry.sweep = {"state": "done", "progress": 1.0}
+        except FileNotFoundError:
+            pass
+        except ValueError as exc:
+            log.error("tradeoff report of %s not loaded: %s", entry.name, exc)
 
     def close(self) -> None:
         self._builder.shutdown(wait=True, cancel_futures=True)
@@ -174,6 +202,7 @@ class Registry:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             entry = Entry(name, Bank.open(self.banks_dir / name, verify=False))
+            self._attach(entry)
             self.entries[name] = entry
             return entry
 

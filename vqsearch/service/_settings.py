@@ -28,4 +28,10 @@ class Settings(BaseSettings):
         False,
         description="serve reads only (replicas; required for several workers): writes get 405",
     )
+    query_reservoir: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="real queries kept per bank (uniform sample) for tradeoff sweeps; 0: off",
+    )
     log_level: str = Field("info")

@@ -13,6 +13,7 @@ from .._deps import VERSION_HEADER, EntryDep, SettingsDep
 from .._params import DecodeParams, NearestParams, SearchParams, array_field, body_doc
 from .._registry import Entry
 from .._settings import Settings
+from .._sweeps import auto_setting
 from .._wire import decode, respond
 
 router = APIRouter(prefix="/v1/banks", tags=["search"])
@@ -37,10 +38,41 @@ def _approx_or_409(entry: Entry) -> Any:
     return index
 
 
-def _search(entry: Entry, xq: np.ndarray, p: Any, k: int, device: str) -> tuple[Any, Any]:
-    if p.mode == "approx":
-        return _approx_or_409(entry).search(xq, k, nprobe=p.nprobe, k_factor=p.k_factor)
-    return entry.bank.search(xq, k, device=device)
+def _search(
+    entry: Entry, xq: np.ndarray, p: Any, k: int, device: str, measure: str
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(D, I, the setting that answered)."""
+    if entry.reservoir is not None and xq.ndim == 2 and xq.shape[1] == entry.bank.d:
+        entry.reservoir.offer(xq)
+    setting: dict[str, Any] = {"spec": "exact"}
+    if p.mode == "auto":
+        setting = auto_setting(entry, p.target_recall, measure)
+        index = entry.index
+        if setting["spec"] != "exact" and index is not None:
+            D, I = index.search(xq, k, nprobe=setting["nprobe"], k_factor=setting["k_factor"])
+            return D, I, setting
+    elif p.mode == "approx":
+        index = _approx_or_409(entry)
+        D, I = index.search(xq, k, nprobe=p.nprobe, k_factor=p.k_factor)
+        return (
+            D,
+            I,
+            {
+                "spec": index.spec,
+                "nprobe": p.nprobe or index.nprobe,
+                "k_factor": p.k_factor or index.k_factor,
+            },
+        )
+    D, I = entry.bank.search(xq, k, device=device)
+    return D, I, setting
+
+
+def _headers(entry: Entry, setting: dict[str, Any]) -> dict[str, str]:
+    """Which setting answered: `exact`, or the spec with its search parameters."""
+    label = setting["spec"]
+    if label != "exact":
+        label += f";nprobe={setting.get('nprobe')};k_factor={setting.get('k_factor')}"
+    return {VERSION_HEADER: entry.version, "X-Vqsearch-Setting": label}
 
 
 def _axis(axis: int | None, ndim: int) -> int:
@@ -73,18 +105,23 @@ async def search(
     _rows(len(xq) if xq.ndim else 1, settings)
     if p.k > settings.max_k:
         raise HTTPException(422, f"k={p.k} exceeds the limit of {settings.max_k}")
-    D, I = await run_in_threadpool(_search, entry, xq, p, p.k, settings.device)
-    headers = {VERSION_HEADER: entry.version, "X-Vqsearch-Mode": p.mode}
-    return respond(request, {"ids": I, "distances": D}, {"mode": p.mode}, headers)
+    D, I, setting = await run_in_threadpool(
+        _search, entry, xq, p, p.k, settings.device, "recall_10_at_10"
+    )
+    meta = {"mode": p.mode, "setting": setting}
+    return respond(request, {"ids": I, "distances": D}, meta, _headers(entry, setting))
 
 
-def _nearest(entry: Entry, z: np.ndarray, p: NearestParams, device: str) -> dict[str, np.ndarray]:
+def _nearest(
+    entry: Entry, z: np.ndarray, p: NearestParams, device: str
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if z.ndim < 1:
         raise HTTPException(422, "queries must have at least one axis (the vector axis)")
     axis = _axis(p.channel_axis, z.ndim)
     zl = np.moveaxis(z, axis, -1)
     lead, flat = zl.shape[:-1], zl.reshape(-1, zl.shape[-1])
-    codes = _search(entry, flat, p, 1, device)[1][:, 0]
+    _, I, setting = _search(entry, flat, p, 1, device, "recall_1_at_1")
+    codes = I[:, 0]
     if (codes < 0).any():
         raise HTTPException(
             409, "the approximate index found no code for some vectors; raise nprobe"
@@ -100,7 +137,7 @@ def _nearest(entry: Entry, z: np.ndarray, p: NearestParams, device: str) -> dict
             out["errors"] = err.astype(np.float32).reshape(lead)
         if p.return_quantized:
             out["quantized"] = np.moveaxis(zq.reshape(*lead, -1), -1, axis)
-    return out
+    return out, setting
 
 
 @router.post(
@@ -123,9 +160,9 @@ async def nearest(
     p = params.merged(body, ("queries",))
     z = array_field(body, "queries")
     _rows(int(np.prod(z.shape[:-1])) if z.ndim else 1, settings)
-    out = await run_in_threadpool(_nearest, entry, z, p, settings.device)
-    headers = {VERSION_HEADER: entry.version, "X-Vqsearch-Mode": p.mode}
-    return respond(request, out, {"mode": p.mode}, headers)
+    out, setting = await run_in_threadpool(_nearest, entry, z, p, settings.device)
+    meta = {"mode": p.mode, "setting": setting}
+    return respond(request, out, meta, _headers(entry, setting))
 
 
 def _decode(entry: Entry, codes: np.ndarray, p: DecodeParams) -> np.ndarray:

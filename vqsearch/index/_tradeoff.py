@@ -1,0 +1,217 @@
+"""Accuracy against speed: sweep exact search and faiss settings on one bank, mark the Pareto
+frontier, and pick the fastest setting that reaches a recall target.
+
+Every recall figure is measured against exact ground truth on the same queries; every timing is
+measured in the same run, on the same machine, with the same queries.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from ._eval import k_recall_at_k, one_recall_at, time_search
+from ._knn import knn
+from ._pq import ApproxIndex
+from ._validate import Metric
+
+BATCH_SIZES = (1, 64, 4096)
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+K_FACTORS = (1, 2, 4, 8, 16)
+K = 10
+
+
+@dataclass
+class Point:
+    """One measured setting. `spec` is "exact" or a faiss factory string."""
+
+    spec: str
+    nprobe: int | None = None
+    k_factor: float | None = None
+    recall_1_at_1: float = 1.0  # fraction of queries whose nearest is right: tokenization
+    recall_10_at_10: float = 1.0  # faiss intersection measure at k = 10
+    qps: dict[str, float] = field(default_factory=dict)  # batch size -> queries per second
+    p50_ms: dict[str, float] = field(default_factory=dict)
+    p99_ms: dict[str, float] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    bytes_per_vector: float = 0.0
+    pareto: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.spec == "exact":
+            return "exact"
+        params = [
+            f"nprobe={self.nprobe}" if self.nprobe else "",
+            f"k_factor={self.k_factor:g}" if self.k_factor else "",
+        ]
+        return f"{self.spec} " + ",".join(p for p in params if p)
+
+
+def pareto_front(recall: Sequence[float], speed: Sequence[float]) -> list[bool]:
+    """True for points no other point beats on both (at least as good on both, better on one)."""
+    out = []
+    for i, (r, s) in enumerate(zip(recall, speed, strict=True)):
+        dominated = any(
+            r2 >= r and s2 >= s and (r2 > r or s2 > s)
+            for j, (r2, s2) in enumerate(zip(recall, speed, strict=True))
+            if j != i
+        )
+        out.append(not dominated)
+    return out
+
+
+def grid(index: ApproxIndex) -> list[tuple[int | None, float | None]]:
+    """The (nprobe, k_factor) settings worth measuring for this index."""
+    nlist = index.nlist
+    nprobes: list[int | None] = [None] if nlist is None else [p for p in NPROBES if p <= nlist]
+    if nlist is not None and nlist not in nprobes and nlist <= 2 * NPROBES[-1]:
+        nprobes.append(nlist)
+    refine = "RFlat" in index.spec or "Refine" in index.spec
+    k_factors: list[float | None] = list(map(float, K_FACTORS)) if refine else [None]
+    return [(p, kf) for p in nprobes for kf in k_factors]
+
+
+def perturbed_queries(xb: np.ndarray, n: int, metric: Metric, seed: int = 0) -> np.ndarray:
+    """Bank vectors plus Gaussian noise whose norm is their nearest-neighbour distance:
+    queries that look like encoder outputs near, but not on, their codes."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(xb), min(n, len(xb)), replace=False)
+    base = xb[rows].astype(np.float32)
+    D, _ = knn(base, xb, min(2, len(xb)), "l2")
+    nn = np.sqrt(np.maximum(D[:, -1], 0))[:, None]
+    noise = rng.standard_normal(base.shape).astype(np.float32)
+    noise *= nn / np.linalg.norm(noise, axis=1, keepdims=True)
+    out = base + noise
+    if metric == "cosine":
+        out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+    }
+
+
+def _measure(
+    point: Point,
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    xq: np.ndarray,
+    gt: np.ndarray,
+    batch_sizes: Sequence[int],
+    min_seconds: float,
+) -> Point:
+    I = search(xq, K)[1]
+    point.recall_1_at_1 = one_recall_at(I, gt, 1)
+    point.recall_10_at_10 = k_recall_at_k(I, gt)
+    for bs in batch_sizes:
+        t = time_search(lambda b: search(b, K), xq, min(bs, len(xq)), min_seconds=min_seconds)
+        key = str(bs)
+        point.qps[key], point.p50_ms[key], point.p99_ms[key] = t.qps, t.p50_ms, t.p99_ms
+    return point
+
+
+def sweep(
+    xb: np.ndarray,
+    ids: np.ndarray | None,
+    metric: Metric,
+    xq: np.ndarray,
+    indexes: Sequence[ApproxIndex] = (),
+    specs: Sequence[str] = (),
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    primary_batch: int = 64,
+    min_seconds: float = 0.2,
+    progress: Callable[[float], None] | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Measure exact search, each given index over its grid, and each extra spec (built here,
+    then dropped). xb (nb, d), xq (nq, d). Returns a JSON-ready report whose `points` have
+    `pareto` set on (1-recall@1, QPS at `primary_batch`)."""
+    ids = np.arange(len(xb), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    if len(xb) < K:
+        raise ValueError(f"a sweep needs at least {K} vectors; the bank has {len(xb)}")
+    tick = progress or (lambda _: None)
+    gt = ids[knn(xq, xb, K, metric)[1]]
+    # Progress: building the extra specs is the first 20 %, measuring the points the rest.
+    built: list[tuple[ApproxIndex, float]] = [
+        (ix, float(ix.meta.get("build_seconds", 0))) for ix in indexes
+    ]
+    for i, spec in enumerate(specs):
+        t0 = time.perf_counter()
+        built.append((ApproxIndex.build(xb, ids, metric, spec), time.perf_counter() - t0))
+        tick(0.2 * (i + 1) / len(specs))
+    todo = [(ix, b, setting) for ix, b in built for setting in grid(ix)]
+
+    def exact_search(b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        D, I = knn(b, xb, k, metric, device=device)
+        return D, ids[I]
+
+    exact = Point("exact", bytes_per_vector=4.0 * xb.shape[1])
+    points = [_measure(exact, exact_search, xq, gt, batch_sizes, min_seconds)]
+    sizes = {id(ix): faiss.serialize_index(ix.index).size / max(ix.ntotal, 1) for ix, _ in built}
+    for n, (index, build, (nprobe, k_factor)) in enumerate(todo):
+
+        def approx(
+            b: np.ndarray,
+            k: int,
+            ix: ApproxIndex = index,
+            p: int | None = nprobe,
+            f: float | None = k_factor,
+        ) -> tuple[np.ndarray, np.ndarray]:
+            return ix.search(b, k, nprobe=p, k_factor=f)
+
+        pt = Point(
+            index.spec, nprobe, k_factor, build_seconds=build, bytes_per_vector=sizes[id(index)]
+        )
+        points.append(_measure(pt, approx, xq, gt, batch_sizes, min_seconds))
+        tick(0.2 + 0.8 * (n + 1) / len(todo))
+    tick(1.0)
+    key = str(primary_batch if primary_batch in batch_sizes else batch_sizes[0])
+    front = pareto_front([p.recall_1_at_1 for p in points], [p.qps[key] for p in points])
+    for p, f in zip(points, front, strict=True):
+        p.pareto = f
+    return {
+        "points": [asdict(p) | {"label": p.label} for p in points],
+        "primary_batch": int(key),
+        "k": K,
+        "n_queries": len(xq),
+        "nb": len(xb),
+        "d": int(xb.shape[1]),
+        "metric": metric,
+        "device": device,
+        "machine": machine(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def pick(
+    report: dict[str, Any],
+    target: float,
+    measure: str = "recall_1_at_1",
+    spec: str | None = None,
+    batch: int | None = None,
+) -> dict[str, Any]:
+    """The fastest measured point reaching `target` on `measure`, among exact and the points of
+    `spec` (all specs when None); exact when none reaches it."""
+    key = str(batch or report["primary_batch"])
+    pts = [p for p in report["points"] if p["spec"] == "exact" or spec is None or p["spec"] == spec]
+    ok = [p for p in pts if p[measure] >= target and key in p["qps"]]
+    exact = next(p for p in report["points"] if p["spec"] == "exact")
+    if not ok:
+        return exact
+    return max(ok, key=lambda p: (p["qps"][key], p["spec"] == "exact"))

@@ -1,0 +1,109 @@
+"""Tradeoff sweeps for a bank, run on the registry's background worker, and `mode=auto`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from vqsearch.index import VQSearchError, perturbed_queries, pick, sweep
+from vqsearch.index._storage import write_bytes
+
+from ._registry import TRADEOFF_FILE, Entry, IndexState, Registry
+
+log = logging.getLogger("vqsearch")
+MIN_RESERVOIR = 100  # fewer recorded queries than this are too few to measure recall on
+
+
+def eval_queries(entry: Entry, queries: np.ndarray | None, n: int) -> tuple[np.ndarray, str]:
+    """The user's queries, else the bank's recorded real queries, else perturbed bank vectors."""
+    if queries is not None:
+        return queries, "user"
+    if entry.reservoir is not None:
+        sample = entry.reservoir.sample()
+        if len(sample) >= MIN_RESERVOIR:
+            return sample, "reservoir"
+    return perturbed_queries(entry.bank.vectors(), n, entry.bank.metric), "perturbed"
+
+
+def start(registry: Registry, entry: Entry, **kw: Any) -> dict[str, Any]:
+    registry._writable()
+    entry.sweep = {"state": "queued", "progress": 0.0}
+    registry._builder.submit(_run, registry, entry, entry.sweep, kw)
+    return entry.sweep
+
+
+def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, Any]) -> None:
+    if entry.sweep is not job:
+        return
+    try:
+        if entry.index is None:  # the bank's own index comes first: build the default spec
+            job["state"] = "building index"
+            state = IndexState("")
+            entry.build = state
+            registry._build(entry, state, None, {})
+            if entry.index is None:
+                raise RuntimeError(
+                    f"could not build the bank's index: {state.error or state.state}"
+                )
+        with entry.lock:
+            xb, ids, version, own = (
+                entry.bank.vectors(),
+                entry.bank.ids(),
+                entry.version,
+                entry.index,
+            )
+        xq, source = eval_queries(entry, kw.get("queries"), kw.get("n_queries", 1000))
+        job["state"] = "measuring"
+
+        def progress(f: float) -> None:
+            job["progress"] = round(f, 3)
+
+        report = sweep(
+            xb,
+            ids,
+            entry.bank.metric,
+            xq,
+            indexes=[own],
+            specs=kw.get("specs", ()),
+            batch_sizes=kw.get("batch_sizes", (1, 64, 4096)),
+            min_seconds=kw.get("min_seconds", 0.2),
+            progress=progress,
+            device=kw.get("device", "cpu"),
+        )
+        report |= {
+            "query_source": source,
+            "bank_version": version,
+            "index_spec": own.spec,
+            "bank": entry.name,
+        }
+        assert entry.bank.path is not None
+        write_bytes(entry.bank.path / TRADEOFF_FILE, json.dumps(report).encode())
+    except (VQSearchError, RuntimeError, ValueError, OSError, MemoryError) as exc:
+        job |= {"state": "failed", "error": str(exc)}
+        log.error("tradeoff sweep for %s failed: %s", entry.name, exc)
+        return
+    entry.tradeoff = report
+    job |= {"state": "done", "progress": 1.0}
+
+
+def auto_setting(entry: Entry, target: float, measure: str) -> dict[str, Any]:
+    """The fastest measured setting of the bank's own index reaching `target`, or exact: exact
+    also when no sweep was measured on the bank as it is now, or no index is ready."""
+    report, index = entry.tradeoff, entry.index
+    if report is None or index is None or report.get("bank_version") != entry.version:
+        return {"spec": "exact", "reason": "no sweep measured on this bank version"}
+    point = pick(report, target, measure, spec=index.spec)
+    if point["spec"] == "exact":
+        return {
+            "spec": "exact",
+            "reason": f"no setting of {index.spec} reached {measure} >= {target}",
+        }
+    return {
+        "spec": point["spec"],
+        "nprobe": point["nprobe"],
+        "k_factor": point["k_factor"],
+        "measured_recall": point[measure],
+    }
