@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -89,13 +90,16 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
     job |= {"state": "done", "progress": 1.0}
 
 
-def auto_setting(entry: Entry, target: float, measure: str) -> dict[str, Any]:
-    """The fastest measured setting of the bank's own index reaching `target`, or exact: exact
-    also when no sweep was measured on the bank as it is now, or no index is ready."""
+def auto_setting(entry: Entry, target: float, measure: str, nq: int) -> dict[str, Any]:
+    """The fastest measured setting of the bank's own index reaching `target`, timed at the
+    measured batch size nearest (in log scale) to this request's nq; exact when none reached
+    it, when no sweep was measured on the bank as it is now, or when no index is ready."""
     report, index = entry.tradeoff, entry.index
     if report is None or index is None or report.get("bank_version") != entry.version:
         return {"spec": "exact", "reason": "no sweep measured on this bank version"}
-    point = pick(report, target, measure, spec=index.spec)
+    sizes = [int(b) for b in report["points"][0]["qps"]]
+    batch = min(sizes, key=lambda b: abs(math.log(b) - math.log(max(nq, 1))))
+    point = pick(report, target, measure, spec=index.spec, batch=batch)
     if point["spec"] == "exact":
         return {
             "spec": "exact",

@@ -46,7 +46,7 @@ def _search(
         entry.reservoir.offer(xq)
     setting: dict[str, Any] = {"spec": "exact"}
     if p.mode == "auto":
-        setting = auto_setting(entry, p.target_recall, measure)
+        setting = auto_setting(entry, p.target_recall, measure, len(xq))
         index = entry.index
         if setting["spec"] != "exact" and index is not None:
             D, I = index.search(xq, k, nprobe=setting["nprobe"], k_factor=setting["k_factor"])
