@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from ._core import VERSION_HEADER, Call, Methods, Plan, raise_for_status
-from ._exceptions import ServiceUnavailableError, TransportError
+from ._core import VERSION_HEADER, Call, Methods, Plan, index_done, raise_for_status, sweep_done
+from ._exceptions import JobTimeoutError, ServiceUnavailableError, TransportError
 from ._retry import backoff_seconds, should_retry
 
 
@@ -90,44 +91,28 @@ class AsyncClient(Methods):
     def _run(self, plan: Plan) -> Any:
         return self._execute(plan)
 
-    async def wait_index(self, name: str, timeout: float = 600.0, poll: float = 0.2) -> Any:
-        """Poll the bank until its index is ready (returns the bank info) or failed (raises)."""
+    async def _poll(
+        self,
+        fetch: Callable[[], Awaitable[Any]],
+        done: Callable[[Any], bool],
+        timeout: float,
+        poll: float,
+    ) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while True:
-            info = await self.get_bank(name)
-            if done_or_raise(info):
-                return info
+        while not done(state := await fetch()):
             if loop.time() > deadline:
-                raise TimeoutError(
-                    f"index of {name!r} not ready after {timeout} s: {info['index']}"
-                )
+                raise JobTimeoutError(f"not finished after {timeout} s: {state}")
             await asyncio.sleep(poll)
+        return state
+
+    async def wait_index(self, name: str, timeout: float = 600.0, poll: float = 0.2) -> Any:
+        """Poll the bank until its index is ready (returns the bank info) or failed (raises)."""
+        return await self._poll(lambda: self.get_bank(name), index_done, timeout, poll)
 
     async def wait_tradeoff(self, name: str, timeout: float = 3600.0, poll: float = 0.2) -> Any:
         """Poll until the bank's sweep is done; returns {"state", "progress", "report"}."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            job = await self.get_tradeoff(name)
-            if sweep_done_or_raise(job):
-                return job
-            if loop.time() > deadline:
-                raise TimeoutError(f"sweep of {name!r} not done after {timeout} s: {job['state']}")
-            await asyncio.sleep(poll)
-
-
-def sweep_done_or_raise(job: dict[str, Any]) -> bool:
-    if job.get("state") == "failed":
-        raise RuntimeError(f"tradeoff sweep failed: {job.get('error')}")
-    return bool(job.get("state") == "done")
-
-
-def done_or_raise(info: dict[str, Any]) -> bool:
-    index = info.get("index") or {}
-    if index.get("state") == "failed":
-        raise RuntimeError(f"index build failed: {index.get('error')}")
-    return bool(index.get("state") == "ready")
+        return await self._poll(lambda: self.get_tradeoff(name), sweep_done, timeout, poll)
 
 
 __all__ = ["VERSION_HEADER", "AsyncClient"]

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ._exceptions import error_for
+from ._exceptions import JobFailedError, error_for
 
 NPY, NPZ, JSON = "application/x-npy", "application/x-npz", "application/json"
 VERSION_HEADER = "x-vqsearch-bank-version"
@@ -78,6 +78,21 @@ class NearestResult:
     quantized: np.ndarray | None = None
     errors: np.ndarray | None = None
     version: str | None = None
+
+
+def index_done(info: dict[str, Any]) -> bool:
+    """True once the bank's index is ready; JobFailedError if its build failed."""
+    index = info.get("index") or {}
+    if index.get("state") == "failed":
+        raise JobFailedError(f"index build failed: {index.get('error')}")
+    return bool(index.get("state") == "ready")
+
+
+def sweep_done(job: dict[str, Any]) -> bool:
+    """True once the bank's tradeoff sweep is done; JobFailedError if it failed."""
+    if job.get("state") == "failed":
+        raise JobFailedError(f"tradeoff sweep failed: {job.get('error')}")
+    return bool(job.get("state") == "done")
 
 
 def raise_for_status(resp: httpx.Response) -> None:

@@ -23,6 +23,8 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConflictError",
+    "JobFailedError",
+    "JobTimeoutError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -44,6 +46,14 @@ class VQSearchClientError(Exception):
 
 class TransportError(VQSearchClientError):
     """The request got no HTTP answer."""
+
+
+class JobFailedError(VQSearchClientError):
+    """A background job (index build, tradeoff sweep) ended in failure."""
+
+
+class JobTimeoutError(VQSearchClientError, TimeoutError):
+    """A wait for a background job ran out of time."""
 
 
 class APIError(VQSearchClientError):

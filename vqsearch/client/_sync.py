@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from ._async import done_or_raise, sweep_done_or_raise
-from ._core import Call, Methods, Plan, raise_for_status
-from ._exceptions import ServiceUnavailableError, TransportError
+from ._core import Call, Methods, Plan, index_done, raise_for_status, sweep_done
+from ._exceptions import JobTimeoutError, ServiceUnavailableError, TransportError
 from ._retry import backoff_seconds, should_retry
 
 
@@ -75,26 +75,20 @@ class Client(Methods):
         plan.pin(later, resp)
         return plan.combine([first.parse(resp), *(c.parse(self.send(c)) for c in later)])
 
+    def _poll(
+        self, fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float, poll: float
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        while not done(state := fetch()):
+            if time.monotonic() > deadline:
+                raise JobTimeoutError(f"not finished after {timeout} s: {state}")
+            time.sleep(poll)
+        return state
+
     def wait_index(self, name: str, timeout: float = 600.0, poll: float = 0.2) -> Any:
         """Poll the bank until its index is ready (returns the bank info) or failed (raises)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            info = self.get_bank(name)
-            if done_or_raise(info):
-                return info
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"index of {name!r} not ready after {timeout} s: {info['index']}"
-                )
-            time.sleep(poll)
+        return self._poll(lambda: self.get_bank(name), index_done, timeout, poll)
 
     def wait_tradeoff(self, name: str, timeout: float = 3600.0, poll: float = 0.2) -> Any:
         """Poll until the bank's sweep is done; returns {"state", "progress", "report"}."""
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.get_tradeoff(name)
-            if sweep_done_or_raise(job):
-                return job
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"sweep of {name!r} not done after {timeout} s: {job['state']}")
-            time.sleep(poll)
+        return self._poll(lambda: self.get_tradeoff(name), sweep_done, timeout, poll)
