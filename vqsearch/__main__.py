@@ -25,13 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from vqsearch.service import Settings, create_app
+    from vqsearch.service._observe import configure_logging
 
     settings = Settings()
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("vqsearch").warning(
+            "listening on %s: reachable beyond this machine", host
+        )
     if args.workers > 1 and not settings.read_only:
         # Each worker holds its own copy of every bank's state: writes landing on different
         # workers would overwrite each other's manifests. Several workers serve reads only.
@@ -43,10 +46,17 @@ def main(argv: list[str] | None = None) -> int:
             port=port,
             workers=args.workers,
             factory=True,
-            log_level=settings.log_level,
+            log_config=None,
+            timeout_graceful_shutdown=settings.shutdown_timeout,
         )
     else:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_config=None,
+            timeout_graceful_shutdown=settings.shutdown_timeout,
+        )
     return 0
 
 

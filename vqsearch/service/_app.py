@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from vqsearch import __version__
 from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 
+from ._observe import Metrics, ObserveMiddleware
 from ._registry import BankExistsError, ReadOnlyError, Registry, UnknownBankError
 from ._settings import Settings
 from .routes import banks, health, query, tradeoff
@@ -78,7 +79,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry(
-            settings.data_dir, settings.auto_rebuild, settings.read_only, settings.query_reservoir
+            settings.data_dir,
+            settings.auto_rebuild,
+            settings.read_only,
+            settings.query_reservoir,
+            settings.usage_window,
         )
         app.state.settings, app.state.registry = settings, registry
         registry.load()
@@ -103,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
     )
     _add_handlers(app)
+    app.state.metrics = Metrics(lambda: getattr(app.state, "registry", None))
+    app.add_middleware(ObserveMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(banks.router)
     app.include_router(query.router)

@@ -21,7 +21,7 @@ import numpy as np
 from vqsearch.index import ApproxIndex, Bank, StorageError, VQSearchError
 from vqsearch.index._validate import Metric
 
-from ._sampling import Reservoir
+from ._sampling import Reservoir, Usage
 
 log = logging.getLogger("vqsearch")
 INDEX_FILE = "index/index.faiss"
@@ -78,6 +78,7 @@ class Entry:
     build: IndexState | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     reservoir: Reservoir | None = None
+    usage: Usage | None = None
     tradeoff: dict[str, Any] | None = None  # the last sweep's report
     sweep: dict[str, Any] = field(default_factory=lambda: {"state": "none", "progress": 0.0})
 
@@ -108,10 +109,15 @@ class Registry:
     """All banks of a data directory, loaded at start; index builds on one worker thread."""
 
     def __init__(
-        self, root: Path, auto_rebuild: bool = True, read_only: bool = False, reservoir: int = 0
+        self,
+        root: Path,
+        auto_rebuild: bool = True,
+        read_only: bool = False,
+        reservoir: int = 0,
+        usage_window: int = 0,
     ) -> None:
         self.root = Path(root)
-        self.reservoir_size = reservoir
+        self.reservoir_size, self.usage_window = reservoir, usage_window
         self.read_only = read_only
         self.banks_dir, self.trash = self.root / "banks", self.root / "trash"
         self.auto_rebuild = auto_rebuild
@@ -164,6 +170,8 @@ class Registry:
     def _attach(self, entry: Entry) -> None:
         if self.reservoir_size > 0:
             entry.reservoir = Reservoir(self.reservoir_size, entry.bank.d)
+        if self.usage_window > 0:
+            entry.usage = Usage(self.usage_window)
 
     def _load_tradeoff(self, entry: Entry) -> None:
         path = entry.bank.path / TRADEOFF_FILE  # type: ignore[operator]

@@ -1,8 +1,11 @@
-"""A reservoir sample of a bank's real queries, for measuring recall on real traffic."""
+"""What a bank has been asked and answered: a sample of its real queries (for measuring recall
+on real traffic) and the codes it served (for usage figures)."""
 
 from __future__ import annotations
 
+import math
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -36,3 +39,39 @@ class Reservoir:
     def sample(self) -> np.ndarray:
         with self._lock:
             return self.rows[: min(self.seen, self.size)].copy()
+
+
+class Usage:
+    """The last `window` codes served by a bank, for usage figures as VQ people track them."""
+
+    def __init__(self, window: int) -> None:
+        self.codes = np.full(window, -1, np.int64)
+        self.pos, self.served = 0, 0
+        self._lock = threading.Lock()
+
+    def record(self, codes: np.ndarray) -> None:
+        c = np.asarray(codes, np.int64).reshape(-1)[-len(self.codes) :]
+        with self._lock:
+            idx = (self.pos + np.arange(len(c))) % len(self.codes)
+            self.codes[idx] = c
+            self.pos = int((self.pos + len(c)) % len(self.codes))
+            self.served += len(c)
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, times served) over the window."""
+        with self._lock:
+            window = self.codes[self.codes >= 0]
+        return np.unique(window, return_counts=True)
+
+    def summary(self, live_ids: np.ndarray) -> dict[str, Any]:
+        ids, n = self.counts()
+        p = n / max(n.sum(), 1)
+        used = np.isin(live_ids, ids).sum()
+        return {
+            "window": len(self.codes),
+            "served": self.served,
+            "in_window": int(n.sum()),
+            "distinct": len(ids),
+            "perplexity": float(math.exp(-(p * np.log(p)).sum())) if len(p) else 0.0,
+            "dead_codes": int(len(live_ids) - used),
+        }

@@ -34,4 +34,10 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="real queries kept per bank (uniform sample) for tradeoff sweeps; 0: off",
     )
+    usage_window: int = Field(
+        1 << 20, ge=0, description="last codes served kept per bank for usage figures; 0: off"
+    )
+    shutdown_timeout: int = Field(
+        30, ge=0, description="seconds in-flight requests get to finish after SIGTERM"
+    )
     log_level: str = Field("info")

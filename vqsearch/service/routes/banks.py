@@ -83,6 +83,7 @@ async def add_vectors(
     vectors, ids = array_field(body, "vectors"), array_field(body, "ids", required=False)
     _check_rows(vectors, settings)
     added = await run_in_threadpool(registry.add, entry, vectors, ids)
+    request.state.rows = len(added)
     return respond(request, {"ids": added}, {"count": len(added)}, _versioned(entry))
 
 
@@ -127,3 +128,14 @@ async def build_index(
     kw = {} if p.train_size is None else {"train_size": p.train_size}
     state = registry.build_index(entry, p.spec, **kw)
     return JSONResponse(state.info(None), status_code=202, headers=_versioned(entry))
+
+
+@router.get("/{name}/usage", summary="How often each code was served (the usage window)")
+async def usage(request: Request, entry: EntryDep) -> Response:
+    """`ids` and `counts` over the last codes served by `nearest` (VQSEARCH_USAGE_WINDOW), with
+    perplexity and dead codes: a codebook's health as VQ training tracks it."""
+    if entry.usage is None:
+        raise HTTPException(409, "usage tracking is off (VQSEARCH_USAGE_WINDOW=0)")
+    ids, counts = entry.usage.counts()
+    summary = entry.usage.summary(entry.bank.ids())
+    return respond(request, {"ids": ids, "counts": counts}, summary, _versioned(entry))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .._deps import RegistryDep
 
@@ -20,3 +21,10 @@ async def readyz(registry: RegistryDep) -> JSONResponse:
     if not registry.loaded:
         return JSONResponse({"status": "loading"}, status_code=503)
     return JSONResponse({"status": "ready", "banks": len(registry.entries)})
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    """Requests and latency per route and status, search batch sizes, rows searched, and per
+    bank: vectors, bytes, index build progress, code perplexity and dead codes."""
+    return Response(generate_latest(request.app.state.metrics.prom), media_type=CONTENT_TYPE_LATEST)

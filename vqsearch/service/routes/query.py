@@ -67,6 +67,13 @@ def _search(
     return D, I, setting
 
 
+def _observe(request: Request, entry: Entry, rows: int, setting: dict[str, Any]) -> None:
+    request.state.rows = rows
+    metrics = request.app.state.metrics
+    metrics.batch.labels(request.scope["route"].path).observe(rows)
+    metrics.rows.labels(entry.name, setting["spec"]).inc(rows)
+
+
 def _headers(entry: Entry, setting: dict[str, Any]) -> dict[str, str]:
     """Which setting answered: `exact`, or the spec with its search parameters."""
     label = setting["spec"]
@@ -108,6 +115,7 @@ async def search(
     D, I, setting = await run_in_threadpool(
         _search, entry, xq, p, p.k, settings.device, "recall_10_at_10"
     )
+    _observe(request, entry, len(D), setting)
     meta = {"mode": p.mode, "setting": setting}
     return respond(request, {"ids": I, "distances": D}, meta, _headers(entry, setting))
 
@@ -161,6 +169,9 @@ async def nearest(
     z = array_field(body, "queries")
     _rows(int(np.prod(z.shape[:-1])) if z.ndim else 1, settings)
     out, setting = await run_in_threadpool(_nearest, entry, z, p, settings.device)
+    _observe(request, entry, int(out["codes"].size), setting)
+    if entry.usage is not None:
+        entry.usage.record(out["codes"])
     meta = {"mode": p.mode, "setting": setting}
     return respond(request, out, meta, _headers(entry, setting))
 
@@ -190,4 +201,5 @@ async def decode_codes(
     codes = array_field(body, "codes")
     _rows(int(codes.size), settings)
     out = await run_in_threadpool(_decode, entry, codes, p)
+    request.state.rows = int(codes.size)
     return respond(request, {"vectors": out}, None, {VERSION_HEADER: entry.version})

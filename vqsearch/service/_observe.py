@@ -1,0 +1,159 @@
+"""Operations: Prometheus metrics, one JSON log line per request, request ids, code usage.
+
+Metrics live in a registry of the app's own (several apps in one process do not collide).
+Per-bank figures are read at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ._registry import Registry
+
+access_log = logging.getLogger("vqsearch.access")
+REQUEST_ID = "x-request-id"
+
+
+class JsonFormatter(logging.Formatter):
+    """Each record as one JSON object: time, level, logger, message, and any `fields`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        return json.dumps(doc)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = name != "uvicorn.access"  # we log requests ourselves
+
+
+class _BankCollector(Collector):
+    def __init__(self, registry: Callable[[], Registry | None]) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        registry = self.registry()
+        entries = list(registry.entries.items()) if registry is not None else []
+        fams = {
+            "vectors": GaugeMetricFamily("vqsearch_bank_vectors", "live vectors", labels=["bank"]),
+            "bytes": GaugeMetricFamily(
+                "vqsearch_bank_bytes", "bytes of vectors and ids", labels=["bank"]
+            ),
+            "build": GaugeMetricFamily("vqsearch_index_build_progress", "0..1", labels=["bank"]),
+            "ppl": GaugeMetricFamily(
+                "vqsearch_code_perplexity", "over the usage window", labels=["bank"]
+            ),
+            "dead": GaugeMetricFamily(
+                "vqsearch_dead_codes", "codes unused in the window", labels=["bank"]
+            ),
+        }
+        for name, e in entries:
+            fams["vectors"].add_metric([name], e.bank.ntotal)
+            fams["bytes"].add_metric([name], e.bank.nbytes)
+            if e.build is not None:
+                fams["build"].add_metric([name], e.build.progress)
+            if e.usage is not None and e.usage.served:
+                s = e.usage.summary(e.bank.ids())
+                fams["ppl"].add_metric([name], s["perplexity"])
+                fams["dead"].add_metric([name], s["dead_codes"])
+        yield from fams.values()
+
+
+class Metrics:
+    def __init__(self, registry: Callable[[], Registry | None]) -> None:
+        self.prom = CollectorRegistry()
+        self.requests = Counter(
+            "vqsearch_requests", "HTTP requests", ["route", "method", "status"], registry=self.prom
+        )
+        self.latency = Histogram(
+            "vqsearch_request_seconds",
+            "HTTP request latency",
+            ["route", "method"],
+            registry=self.prom,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.batch = Histogram(
+            "vqsearch_search_batch_size",
+            "vectors per search request",
+            ["route"],
+            registry=self.prom,
+            buckets=tuple(4.0**i for i in range(11)),
+        )
+        self.rows = Counter(
+            "vqsearch_rows_searched",
+            "query vectors searched (rate: rows/s)",
+            ["bank", "setting"],
+            registry=self.prom,
+        )
+        self.inflight = Gauge(
+            "vqsearch_inflight_requests", "requests being served", registry=self.prom
+        )
+        self.prom.register(_BankCollector(registry))
+
+
+class ObserveMiddleware:
+    """Request id in and out, one JSON access line, and request metrics; pure ASGI."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(REQUEST_ID.encode(), b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        status, t0 = 500, time.perf_counter()
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID.encode(), rid.encode()),
+                ]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.inflight.dec()
+            seconds = time.perf_counter() - t0
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route, scope["method"]).observe(seconds)
+            state = scope.get("state") or {}
+            fields = {
+                "request_id": rid,
+                "method": scope["method"],
+                "route": route,
+                "path": scope["path"],
+                "bank": (scope.get("path_params") or {}).get("name"),
+                "status": status,
+                "duration_ms": round(1e3 * seconds, 3),
+                "rows": state.get("rows"),
+            }
+            access_log.info("request", extra={"fields": fields})
