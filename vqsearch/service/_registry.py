@@ -102,6 +102,7 @@ class Entry:
             "index": None if self.build is None else self.build.info(self.index),
             "tradeoff": self.sweep | {"measured": self.tradeoff is not None},
             "query_sample": None if self.reservoir is None else len(self.reservoir.sample()),
+            "usage": None if self.usage is None else self.usage.summary(b.ids()),
         }
 
 
