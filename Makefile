@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check bench clean
+.PHONY: install run test check bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,10 +24,19 @@ check: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/exact.py --out bench/results/exact.md
 	$(BIN)/python bench/tradeoff.py
+
+# requirements.lock: the server's dependencies pinned, as the Docker image installs them
+lock:
+	rm -rf .lockvenv && $(PY) -m venv .lockvenv
+	.lockvenv/bin/pip install -q -c constraints.txt ".[server]"
+	(echo "# Server dependencies, pinned: what the Docker image installs (make lock regenerates it)."; \
+	 .lockvenv/bin/pip freeze --exclude-editable | grep -v '^vqsearch' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/') > requirements.lock
+	rm -rf .lockvenv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -332,3 +332,43 @@ async def test_read_only_replica_serves_reads_and_refuses_writes(api, settings):
         assert r.json()["ids"] == [[0]]
         w = await ro.post("/v1/banks/cb/vectors", json={"vectors": CODEBOOK[:1].tolist()})
         assert w.status_code == 405 and "read-only" in w.json()["detail"]
+
+
+async def test_read_only_replica_follows_the_primarys_writes(api, settings):
+    """A replica takes up appends, new banks, deletions and a rebuilt index written by the
+    primary, within its refresh interval."""
+    ro_settings = settings.model_copy(update={"read_only": True, "refresh_seconds": 0.05})
+    async with app_client(ro_settings) as ro:
+
+        async def eventually(check):
+            for _ in range(200):
+                if await check():
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("replica did not follow")
+
+        await api.post("/v1/banks/cb/vectors", json={"vectors": CODEBOOK[:2].tolist()})
+        await eventually(lambda: _count(ro, "cb", 514))
+        await api.put("/v1/banks/new", json={"vectors": CODEBOOK[:20].tolist()})
+        await eventually(lambda: _count(ro, "new", 20))
+        await api.put("/v1/banks/new/index", json={"spec": "PQ4x4fs"})
+        await _wait_index(api, "new")
+
+        async def approx_ok():
+            r = await ro.post(
+                "/v1/banks/new/search?mode=approx&k=1", json={"queries": CODEBOOK[:1].tolist()}
+            )
+            return r.status_code == 200
+
+        await eventually(approx_ok)
+        await api.delete("/v1/banks/new")
+
+        async def gone():
+            return (await ro.get("/v1/banks/new")).status_code == 404
+
+        await eventually(gone)
+
+
+async def _count(client: httpx.AsyncClient, name: str, n: int) -> bool:
+    r = await client.get(f"/v1/banks/{name}")
+    return r.status_code == 200 and r.json()["count"] == n

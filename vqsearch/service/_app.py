@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from collections.abc import AsyncIterator
@@ -9,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -68,6 +70,13 @@ def _add_handlers(app: FastAPI) -> None:
         )
 
 
+async def _follow(registry: Registry, settings: Settings) -> None:
+    """A read-only replica re-reads the data dir the primary writes to."""
+    while True:
+        await asyncio.sleep(settings.refresh_seconds)
+        await run_in_threadpool(registry.refresh)
+
+
 def demo_codebook() -> np.ndarray:
     """The seeded demo codebook (1024 x 256): what `make run` serves on an empty data dir."""
     return np.random.default_rng(DEMO_SEED).standard_normal(DEMO_SHAPE, dtype=np.float32)
@@ -91,9 +100,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             registry.create(DEMO_NAME, DEMO_SHAPE[1], "l2", demo_codebook(), None)
             log.info("created the demo codebook %r %s", DEMO_NAME, DEMO_SHAPE)
         log.info("serving %d banks from %s", len(registry.entries), settings.data_dir)
+        follow = asyncio.create_task(_follow(registry, settings)) if settings.read_only else None
         try:
             yield
         finally:
+            if follow is not None:
+                follow.cancel()
             registry.close()
 
     app = FastAPI(

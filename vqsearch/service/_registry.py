@@ -79,6 +79,7 @@ class Entry:
     lock: threading.Lock = field(default_factory=threading.Lock)
     reservoir: Reservoir | None = None
     usage: Usage | None = None
+    stamp: tuple[int, ...] = ()  # what the files looked like when loaded (replicas compare)
     tradeoff: dict[str, Any] | None = None  # the last sweep's report
     sweep: dict[str, Any] = field(default_factory=lambda: {"state": "none", "progress": 0.0})
 
@@ -104,6 +105,12 @@ class Entry:
             "query_sample": None if self.reservoir is None else len(self.reservoir.sample()),
             "usage": None if self.usage is None else self.usage.summary(b.ids()),
         }
+
+
+def _stamp(p: Path) -> tuple[int, ...]:
+    """Change marks of a bank directory: manifest, index sidecar and sweep report mtimes."""
+    files = (p / "manifest.json", p / (INDEX_FILE + ".json"), p / TRADEOFF_FILE)
+    return tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files)
 
 
 class Registry:
@@ -137,15 +144,40 @@ class Registry:
                     shutil.rmtree(p, ignore_errors=True)  # a creation that never finished
                 continue
             try:
-                entry = Entry(p.name, Bank.open(p, writable=not self.read_only))
+                self.entries[p.name] = self._open(p)
             except VQSearchError as exc:
                 log.error("bank %s not loaded: %s", p.name, exc)
-                continue
-            self._load_index(entry)
-            self._load_tradeoff(entry)
-            self._attach(entry)
-            self.entries[p.name] = entry
         self.loaded = True
+
+    def _open(self, p: Path) -> Entry:
+        entry = Entry(p.name, Bank.open(p, writable=not self.read_only), stamp=_stamp(p))
+        self._load_index(entry)
+        self._load_tradeoff(entry)
+        self._attach(entry)
+        return entry
+
+    def refresh(self) -> None:
+        """For read-only replicas: take up what the primary wrote since the last look (new,
+        changed and deleted banks, rebuilt indexes, new sweeps). A bank caught mid-change is
+        kept as it was and looked at again next time."""
+        seen = set()
+        for p in sorted(self.banks_dir.iterdir()) if self.banks_dir.exists() else []:
+            if p.name.startswith("."):
+                continue
+            seen.add(p.name)
+            old = self.entries.get(p.name)
+            try:
+                if old is not None and old.stamp == _stamp(p):
+                    continue
+                new = self._open(p)
+            except (VQSearchError, OSError) as exc:
+                log.warning("bank %s not refreshed: %s", p.name, exc)
+                continue
+            if old is not None:
+                new.usage, new.reservoir = old.usage, old.reservoir
+            self.entries[p.name] = new
+        for name in set(self.entries) - seen:
+            del self.entries[name]
 
     def _load_index(self, entry: Entry) -> None:
         path = entry.bank.path / INDEX_FILE  # type: ignore[operator]

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
         False,
         description="serve reads only (replicas; required for several workers): writes get 405",
     )
+    refresh_seconds: float = Field(
+        2.0, gt=0, description="read-only replicas: how often to take up the primary's writes"
+    )
     query_reservoir: int = Field(
         0,
         ge=0,
