@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 import torch
 
+from ._bank import Bank
 from ._eval import k_recall_at_k, one_recall_at, time_search
 from ._knn import knn
 from ._pq import ApproxIndex
@@ -53,7 +54,7 @@ class Point:
             f"nprobe={self.nprobe}" if self.nprobe else "",
             f"k_factor={self.k_factor:g}" if self.k_factor else "",
         ]
-        return f"{self.spec} " + ",".join(p for p in params if p)
+        return (f"{self.spec} " + ",".join(p for p in params if p)).rstrip()
 
 
 def pareto_front(recall: Sequence[float], speed: Sequence[float]) -> list[bool]:
@@ -157,9 +158,11 @@ def sweep(
         tick(0.2 * (i + 1) / len(specs))
     todo = [(ix, b, setting) for ix, b in built for setting in grid(ix)]
 
+    bank = Bank(xb.shape[1], metric)  # as the service searches: bank statistics cached
+    bank.add(xb, ids)
+
     def exact_search(b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        D, I = knn(b, xb, k, metric, device=device)
-        return D, ids[I]
+        return bank.search(b, k, device=device)
 
     exact = Point("exact", bytes_per_vector=4.0 * xb.shape[1])
     points = [_measure(exact, exact_search, xq, gt, batch_sizes, min_seconds)]
