@@ -125,55 +125,31 @@ async def test_client_tradeoff_methods(settings):
     assert sent[-1].url.params["mode"] == "auto" and sent[-1].url.params["target_recall"] == "0.5"
 
 
+def _compare(*args: str) -> subprocess.CompletedProcess[str]:
+    fast = ["--batch-sizes", "1", "8", "--min-seconds", "0", "--n-queries", "40"]
+    return subprocess.run(
+        [sys.executable, "-m", "vqsearch", "compare", *args, *fast],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_compare_cli_against_a_server_and_locally(tmp_path):
     """`vqsearch compare` works through the client against a real server and on a local .npy,
     printing the table and writing the JSON report and a PNG."""
     srv = Server(tmp_path / "srv").start()
     try:
         httpx.put(f"{srv.url}/v1/banks/cb", json={"vectors": CODEBOOK.tolist()}, timeout=30)
-        args = ["--batch-sizes", "1", "8", "--min-seconds", "0", "--n-queries", "40"]
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "vqsearch",
-                "compare",
-                "--server",
-                srv.url,
-                "--bank",
-                "cb",
-                *args,
-                "--out",
-                str(tmp_path / "remote"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
+        remote = _compare("--server", srv.url, "--bank", "cb", "--out", str(tmp_path / "remote"))
     finally:
         srv.stop()
     np.save(tmp_path / "xb.npy", CODEBOOK)
-    local = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vqsearch",
-            "compare",
-            "--npy",
-            str(tmp_path / "xb.npy"),
-            "--spec",
-            "PQ4x4fs",
-            *args,
-            "--out",
-            str(tmp_path / "local"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    local = _compare(
+        "--npy", str(tmp_path / "xb.npy"), "--spec", "PQ4x4fs", "--out", str(tmp_path / "local")
     )
-    assert local.returncode == 0, local.stderr[-2000:]
-    for name, run in (("remote", out), ("local", local)):
+    for name, run in (("remote", remote), ("local", local)):
+        assert run.returncode == 0, run.stderr[-2000:]
         assert "| exact |" in run.stdout and "%" in run.stderr  # table, progress bar
         rep = json.loads((tmp_path / f"{name}.json").read_text())
         assert rep["points"][0]["spec"] == "exact"

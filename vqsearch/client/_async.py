@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -10,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from ._core import VERSION_HEADER, Call, Methods, Plan, index_done, raise_for_status, sweep_done
-from ._exceptions import JobTimeoutError, ServiceUnavailableError, TransportError
-from ._retry import backoff_seconds, should_retry
+from ._core import VERSION_HEADER, Call, Methods, Plan, index_done, sweep_done
+from ._exceptions import JobTimeoutError
+from ._retry import final, next_delay
 
 
 class AsyncClient(Methods):
@@ -55,7 +56,8 @@ class AsyncClient(Methods):
 
     async def send(self, call: Call) -> httpx.Response:
         """One call, with retries; every failure leaves as a `VQSearchClientError`."""
-        for attempt in range(self.retries + 1):
+        for attempt in itertools.count():
+            exc, resp = None, None
             try:
                 resp = await self._http.request(
                     call.method,
@@ -64,17 +66,13 @@ class AsyncClient(Methods):
                     content=call.content,
                     headers=call.headers,
                 )
-            except httpx.TransportError as exc:
-                if not should_retry(call, exc, None, attempt, self.retries):
-                    raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
-                await asyncio.sleep(backoff_seconds(attempt, None, random.random()))
-                continue
-            if resp.status_code == 503 and should_retry(call, None, resp, attempt, self.retries):
-                await asyncio.sleep(backoff_seconds(attempt, resp, random.random()))
-                continue
-            raise_for_status(resp)
-            return resp
-        raise ServiceUnavailableError(503, "retries exhausted", "")  # pragma: no cover
+            except httpx.TransportError as e:
+                exc = e
+            delay = next_delay(call, attempt, self.retries, exc, resp, random.random())
+            if delay is None:
+                return final(call, exc, resp)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _one(self, call: Call, sem: asyncio.Semaphore) -> Any:
         async with sem:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from ._core import Call
+from ._core import Call, raise_for_status
+from ._exceptions import TransportError
 
 MAX_BACKOFF = 10.0
 
@@ -28,3 +29,26 @@ def backoff_seconds(attempt: int, resp: httpx.Response | None, jitter: float) ->
         if after.replace(".", "", 1).isdigit():
             return min(float(after), MAX_BACKOFF)
     return min(0.1 * 2**attempt * (0.5 + jitter), MAX_BACKOFF)
+
+
+def next_delay(
+    call: Call,
+    attempt: int,
+    retries: int,
+    exc: Exception | None,
+    resp: httpx.Response | None,
+    jitter: float,
+) -> float | None:
+    """Seconds to wait before trying `call` again, or None when this outcome is final."""
+    retryable = exc is not None or (resp is not None and resp.status_code == 503)
+    if retryable and should_retry(call, exc, resp, attempt, retries):
+        return backoff_seconds(attempt, resp, jitter)
+    return None
+
+
+def final(call: Call, exc: Exception | None, resp: httpx.Response | None) -> httpx.Response:
+    """The response of a finished call, or its error as a client exception."""
+    if exc is not None or resp is None:
+        raise TransportError(f"{call.method} {call.path}: {exc!r}") from exc
+    raise_for_status(resp)
+    return resp
