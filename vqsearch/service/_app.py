@@ -18,8 +18,15 @@ from pydantic import ValidationError
 from vqsearch import __version__
 from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 
-from ._observe import Metrics, ObserveMiddleware
-from ._registry import BankExistsError, ReadOnlyError, Registry, UnknownBankError
+from ._observe import AdmissionMiddleware, Metrics, ObserveMiddleware
+from ._registry import (
+    BankExistsError,
+    LimitError,
+    Limits,
+    ReadOnlyError,
+    Registry,
+    UnknownBankError,
+)
 from ._settings import Settings
 from .routes import banks, health, query, tradeoff
 
@@ -45,6 +52,7 @@ def _add_handlers(app: FastAPI) -> None:
     async def _405(_: Request, exc: Exception) -> JSONResponse:
         return _error(405, str(exc))
 
+    @app.exception_handler(LimitError)
     @app.exception_handler(InvalidInputError)
     async def _422(_: Request, exc: Exception) -> JSONResponse:
         return _error(422, f"{type(exc).__name__}: {exc}")
@@ -57,7 +65,7 @@ def _add_handlers(app: FastAPI) -> None:
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: Exception) -> JSONResponse:
         cause = exc.__cause__
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return _error(507, f"out of disk space; nothing was written: {exc}")
         log.error("storage error: %s", exc)
         return _error(500, f"storage error: {exc}")
@@ -87,13 +95,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limits = Limits(settings.max_d, settings.max_bank_vectors, settings.max_banks)
         registry = Registry(
             settings.data_dir,
             settings.auto_rebuild,
             settings.read_only,
             settings.query_reservoir,
             settings.usage_window,
+            limits,
         )
+        if not settings.auth_enabled:
+            log.warning(
+                "no API keys set (VQSEARCH_READ_KEYS / VQSEARCH_ADMIN_KEYS): anyone who reaches "
+                "%s:%s may read and write",
+                settings.host,
+                settings.port,
+            )
         app.state.settings, app.state.registry = settings, registry
         registry.load()
         if settings.demo and not registry.entries and not settings.read_only:
@@ -121,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     _add_handlers(app)
     app.state.metrics = Metrics(lambda: getattr(app.state, "registry", None))
+    app.add_middleware(AdmissionMiddleware, max_inflight=settings.max_inflight)
     app.add_middleware(ObserveMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(banks.router)

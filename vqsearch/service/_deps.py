@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Path, Request
@@ -49,3 +50,40 @@ def get_entry(
 
 
 EntryDep = Annotated[Entry, Depends(get_entry)]
+
+READ_ROUTES = ("/search", "/nearest", "/decode")
+
+
+def _matches(key: str, keys: list[str]) -> bool:
+    # every key is compared, each in constant time: no early exit to time
+    hits = [hmac.compare_digest(key.encode(), k.encode()) for k in keys]
+    return any(hits)
+
+
+def authorize(
+    request: Request,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+) -> None:
+    """Read keys may search, nearest, decode and read; admin keys may do everything.
+    401 without a known key, 403 with a key of the wrong role; open when no key is set."""
+    if not settings.auth_enabled:
+        return
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise HTTPException(
+            401,
+            "an API key is required: Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    key = key.strip()
+    admin = _matches(key, settings.admin_key_list)
+    read = _matches(key, settings.read_key_list)
+    if not (admin or read):
+        raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    reading = request.method in ("GET", "HEAD") or request.url.path.endswith(READ_ROUTES)
+    if not reading and not admin:
+        raise HTTPException(403, "this API key may only read; writes need an admin key")
+
+
+Authorized = [Depends(authorize)]

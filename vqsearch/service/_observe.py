@@ -157,3 +157,42 @@ class ObserveMiddleware:
                 "rows": state.get("rows"),
             }
             access_log.info("request", extra={"fields": fields})
+
+
+class AdmissionMiddleware:
+    """A bound on the API requests under way: beyond `max_inflight` the server answers 503 with
+    Retry-After at once, rather than letting every request's latency grow without bound.
+    Health and metrics are always admitted."""
+
+    def __init__(self, app: Any, max_inflight: int) -> None:
+        self.app, self.max_inflight, self.inflight = app, max_inflight, 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.max_inflight:
+            body = json.dumps(
+                {
+                    "detail": f"overloaded: {self.inflight} requests under way "
+                    f"(VQSEARCH_MAX_INFLIGHT={self.max_inflight}); retry later"
+                }
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"retry-after", b"1"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.inflight += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1

@@ -40,6 +40,17 @@ class ReadOnlyError(Exception):
     pass
 
 
+class LimitError(Exception):
+    """A configured limit (named in the message) would be exceeded."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_d: int = 65536
+    max_bank_vectors: int = 100_000_000
+    max_banks: int = 1000
+
+
 @dataclass
 class IndexState:
     """The bank's approximate index as the API reports it."""
@@ -123,8 +134,9 @@ class Registry:
         read_only: bool = False,
         reservoir: int = 0,
         usage_window: int = 0,
+        limits: Limits = Limits(),
     ) -> None:
-        self.root = Path(root)
+        self.root, self.limits = Path(root), limits
         self.reservoir_size, self.usage_window = reservoir, usage_window
         self.read_only = read_only
         self.banks_dir, self.trash = self.root / "banks", self.root / "trash"
@@ -231,9 +243,20 @@ class Registry:
 
     def create(self, name: str, d: int, metric: Metric, vectors: Any, ids: Any) -> Entry:
         self._writable()
+        lim = self.limits
+        if d > lim.max_d:
+            raise LimitError(f"d={d} exceeds VQSEARCH_MAX_D={lim.max_d}")
+        if vectors is not None and len(vectors) > lim.max_bank_vectors:
+            raise LimitError(
+                f"{len(vectors)} vectors exceed VQSEARCH_MAX_BANK_VECTORS={lim.max_bank_vectors}"
+            )
         with self._lock:
             if name in self.entries:
                 raise BankExistsError(f"bank {name!r} already exists")
+            if len(self.entries) >= lim.max_banks:
+                raise LimitError(
+                    f"{len(self.entries)} banks: VQSEARCH_MAX_BANKS={lim.max_banks} reached"
+                )
             tmp = self.banks_dir / f".{name}.{uuid.uuid4().hex}"
             try:
                 bank = Bank.create(tmp, d, metric)
@@ -262,6 +285,9 @@ class Registry:
     def add(self, entry: Entry, vectors: Any, ids: Any) -> np.ndarray:
         self._writable()
         with entry.lock:
+            total, top = entry.bank.ntotal + len(vectors), self.limits.max_bank_vectors
+            if total > top:
+                raise LimitError(f"{total} vectors would exceed VQSEARCH_MAX_BANK_VECTORS={top}")
             added = entry.bank.add(vectors, ids)
             self._stale(entry)
             return added

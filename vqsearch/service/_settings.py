@@ -43,4 +43,27 @@ class Settings(BaseSettings):
     shutdown_timeout: int = Field(
         30, ge=0, description="seconds in-flight requests get to finish after SIGTERM"
     )
+    read_keys: str = Field(
+        "", description="comma-separated API keys allowed to search, nearest, decode and read info"
+    )
+    admin_keys: str = Field("", description="comma-separated API keys allowed everything")
+    metrics_public: bool = Field(True, description="serve /metrics without a key")
+    max_d: int = Field(65536, ge=1, description="widest vectors a bank may hold")
+    max_bank_vectors: int = Field(100_000_000, ge=1, description="most vectors in one bank")
+    max_banks: int = Field(1000, ge=1, description="most banks")
+    max_inflight: int = Field(
+        64, ge=1, description="requests under way at once; beyond it 503 with Retry-After"
+    )
     log_level: str = Field("info")
+
+    @property
+    def read_key_list(self) -> list[str]:
+        return [k.strip() for k in self.read_keys.split(",") if k.strip()]
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.read_key_list or self.admin_key_list)

@@ -11,11 +11,12 @@ from fastapi.responses import JSONResponse, Response
 
 from vqsearch.index import check_spec
 
-from .._deps import VERSION_HEADER, BankName, EntryDep, RegistryDep, SettingsDep
+from .._deps import VERSION_HEADER, Authorized, BankName, EntryDep, RegistryDep, SettingsDep
+from .._errors_doc import ARRAYS, ERRORS
 from .._params import CreateParams, IndexParams, array_field, body_doc
 from .._wire import decode, respond
 
-router = APIRouter(prefix="/v1/banks", tags=["banks"])
+router = APIRouter(prefix="/v1/banks", tags=["banks"], dependencies=Authorized, responses=ERRORS)
 
 VECTORS_DOC = body_doc(
     {"vectors": "(n, d) numbers", "ids": "(n,) integer ids >= 0, optional"}, "vectors"
@@ -73,7 +74,12 @@ async def delete_bank(name: BankName, registry: RegistryDep) -> dict[str, str]:
     return {"deleted": name}
 
 
-@router.post("/{name}/vectors", summary="Append vectors", openapi_extra=VECTORS_DOC)
+@router.post(
+    "/{name}/vectors",
+    summary="Append vectors",
+    openapi_extra=VECTORS_DOC,
+    responses={200: ARRAYS},
+)
 async def add_vectors(
     request: Request, entry: EntryDep, registry: RegistryDep, settings: SettingsDep
 ) -> Response:
@@ -130,7 +136,11 @@ async def build_index(
     return JSONResponse(state.info(None), status_code=202, headers=_versioned(entry))
 
 
-@router.get("/{name}/usage", summary="How often each code was served (the usage window)")
+@router.get(
+    "/{name}/usage",
+    summary="How often each code was served (the usage window)",
+    responses={200: ARRAYS},
+)
 async def usage(request: Request, entry: EntryDep) -> Response:
     """`ids` and `counts` over the last codes served by `nearest` (VQSEARCH_USAGE_WINDOW), with
     perplexity and dead codes: a codebook's health as VQ training tracks it."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .._deps import RegistryDep
+from .._deps import RegistryDep, SettingsDep, authorize
 
 router = APIRouter(tags=["health"])
 
@@ -24,7 +26,13 @@ async def readyz(registry: RegistryDep) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-async def metrics(request: Request) -> Response:
+async def metrics(
+    request: Request,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Response:
     """Requests and latency per route and status, search batch sizes, rows searched, and per
     bank: vectors, bytes, index build progress, code perplexity and dead codes."""
+    if not settings.metrics_public:
+        authorize(request, settings, authorization)
     return Response(generate_latest(request.app.state.metrics.prom), media_type=CONTENT_TYPE_LATEST)

@@ -9,14 +9,15 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from .._deps import VERSION_HEADER, EntryDep, SettingsDep
+from .._deps import VERSION_HEADER, Authorized, EntryDep, SettingsDep
+from .._errors_doc import ARRAYS, ERRORS
 from .._params import DecodeParams, NearestParams, SearchParams, array_field, body_doc
 from .._registry import Entry
 from .._settings import Settings
 from .._sweeps import auto_setting
 from .._wire import decode, respond
 
-router = APIRouter(prefix="/v1/banks", tags=["search"])
+router = APIRouter(prefix="/v1/banks", tags=["search"], dependencies=Authorized, responses=ERRORS)
 
 
 def _rows(n: int, settings: Settings) -> None:
@@ -92,6 +93,7 @@ def _axis(axis: int | None, ndim: int) -> int:
 
 @router.post(
     "/{name}/search",
+    responses={200: ARRAYS},
     summary="Top-k neighbours of each query",
     openapi_extra=body_doc(
         {"queries": "(nq, d) numbers", "k": "int", "mode": "exact|approx"}, "queries"
@@ -150,6 +152,7 @@ def _nearest(
 
 @router.post(
     "/{name}/nearest",
+    responses={200: ARRAYS},
     summary="Nearest code of every vector (vector-quantizer tokenization)",
     openapi_extra=body_doc(
         {"queries": "(..., d) numbers, or (B, C, H, W) with channel_axis=1"}, "queries"
@@ -185,6 +188,7 @@ def _decode(entry: Entry, codes: np.ndarray, p: DecodeParams) -> np.ndarray:
 
 @router.post(
     "/{name}/decode",
+    responses={200: ARRAYS},
     summary="Codes of any shape back to their vectors",
     openapi_extra=body_doc({"codes": "integer ids of any shape"}, "codes"),
 )

@@ -10,11 +10,12 @@ from fastapi.responses import JSONResponse
 from vqsearch.index import check_spec
 
 from .. import _sweeps
-from .._deps import VERSION_HEADER, EntryDep, RegistryDep, SettingsDep
+from .._deps import VERSION_HEADER, Authorized, EntryDep, RegistryDep, SettingsDep
+from .._errors_doc import ERRORS
 from .._params import TradeoffParams, array_field, body_doc
 from .._wire import decode
 
-router = APIRouter(prefix="/v1/banks", tags=["tradeoff"])
+router = APIRouter(prefix="/v1/banks", tags=["tradeoff"], dependencies=Authorized, responses=ERRORS)
 
 
 @router.post(
