@@ -18,14 +18,25 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Banks are loaded and queries can be served")
+@router.get(
+    "/readyz",
+    summary="Banks are loaded and queries can be served",
+    responses={503: {"description": "still loading"}},
+)
 async def readyz(registry: RegistryDep) -> JSONResponse:
     if not registry.loaded:
         return JSONResponse({"status": "loading"}, status_code=503)
     return JSONResponse({"status": "ready", "banks": len(registry.entries)})
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+        401: {"description": "a key is needed (VQSEARCH_METRICS_PUBLIC=0)"},
+    },
+)
 async def metrics(
     request: Request,
     settings: SettingsDep,
