@@ -61,8 +61,9 @@ def free_port() -> int:
 class Server:
     """`python -m vqsearch serve` on 127.0.0.1 with its own data dir, started and stopped."""
 
-    def __init__(self, data_dir: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, file_size_limit: int | None = None, **env: str) -> None:
         self.data_dir, self.port, self.env = data_dir, free_port(), env
+        self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: a stand-in for a full disk
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,6 +84,7 @@ class Server:
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            preexec_fn=self._limit if self.file_size_limit else None,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -95,6 +97,12 @@ class Server:
                 pass
             time.sleep(0.1)
         raise RuntimeError("server did not become ready in 60 s")
+
+    def _limit(self) -> None:
+        import resource
+
+        assert self.file_size_limit is not None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
