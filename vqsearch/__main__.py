@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from vqsearch.service import Settings, create_app
-    from vqsearch.service._observe import configure_logging
+    from vqsearch.service._observe import configure_logging, return_freed_memory
 
+    return_freed_memory()
     settings = Settings()
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port

@@ -18,4 +18,4 @@ async def test_32_clients_mixing_reads_and_appends(tmp_path):
     print(report)
     assert report["errors"] == 0, report["first_errors"]
     assert report["requests"] > 200
-    assert report["rss_mb_end"] - report["rss_mb_after_warmup"] < 150, report
+    assert report["rss_mb_end"] - report["rss_mb_after_warmup"] < 50, report
