@@ -29,6 +29,7 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/exact.py --out bench/results/exact.md
 	$(BIN)/python bench/tradeoff.py
+	$(BIN)/python bench/load.py
 
 # requirements.lock: the server's dependencies pinned, as the Docker image installs them
 lock:

@@ -27,6 +27,7 @@ from ._registry import (
     Registry,
     UnknownBankError,
 )
+from ._searching import Batcher
 from ._settings import Settings
 from .routes import banks, health, query, tradeoff
 
@@ -137,7 +138,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
     )
     _add_handlers(app)
-    app.state.metrics = Metrics(lambda: getattr(app.state, "registry", None))
+    app.state.batcher = Batcher(settings.batch_max_rows, settings.batch_max_wait_ms / 1e3)
+    app.state.metrics = Metrics(
+        lambda: getattr(app.state, "registry", None), lambda: app.state.batcher.waiting_rows
+    )
     app.add_middleware(AdmissionMiddleware, max_inflight=settings.max_inflight)
     app.add_middleware(ObserveMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)

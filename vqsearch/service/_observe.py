@@ -95,7 +95,9 @@ class _BankCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, registry: Callable[[], Registry | None]) -> None:
+    def __init__(
+        self, registry: Callable[[], Registry | None], queued_rows: Callable[[], int] = lambda: 0
+    ) -> None:
         self.prom = CollectorRegistry()
         self.requests = Counter(
             "vqsearch_requests", "HTTP requests", ["route", "method", "status"], registry=self.prom
@@ -123,6 +125,12 @@ class Metrics:
         self.inflight = Gauge(
             "vqsearch_inflight_requests", "requests being served", registry=self.prom
         )
+        queue = Gauge(
+            "vqsearch_batch_queue_rows",
+            "query rows waiting to be micro-batched",
+            registry=self.prom,
+        )
+        queue.set_function(queued_rows)
         self.prom.register(_BankCollector(registry))
 
 

@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     max_inflight: int = Field(
         64, ge=1, description="requests under way at once; beyond it 503 with Retry-After"
     )
+    batch_max_rows: int = Field(
+        4096,
+        ge=0,
+        description="micro-batching: coalesce small concurrent queries up to this "
+        "many rows (0: off)",
+    )
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="micro-batching: longest a query waits for company"
+    )
     log_level: str = Field("info")
 
     @property

@@ -13,8 +13,8 @@ from .._deps import VERSION_HEADER, Authorized, EntryDep, SettingsDep
 from .._errors_doc import ARRAYS, ERRORS
 from .._params import DecodeParams, NearestParams, SearchParams, array_field, body_doc
 from .._registry import Entry
+from .._searching import run_query
 from .._settings import Settings
-from .._sweeps import auto_setting
 from .._wire import decode, respond
 
 router = APIRouter(prefix="/v1/banks", tags=["search"], dependencies=Authorized, responses=ERRORS)
@@ -25,47 +25,6 @@ def _rows(n: int, settings: Settings) -> None:
         raise HTTPException(
             422, f"{n} vectors exceed the limit of {settings.max_queries} per request"
         )
-
-
-def _approx_or_409(entry: Entry) -> Any:
-    index = entry.index
-    if index is None:
-        state = entry.build.state if entry.build else "absent"
-        raise HTTPException(
-            409,
-            f"bank {entry.name!r} has no ready approximate index (index state: {state}); "
-            "build one with PUT /v1/banks/{name}/index or use mode=exact",
-        )
-    return index
-
-
-def _search(
-    entry: Entry, xq: np.ndarray, p: Any, k: int, device: str, measure: str
-) -> tuple[Any, Any, dict[str, Any]]:
-    """(D, I, the setting that answered)."""
-    if entry.reservoir is not None and xq.ndim == 2 and xq.shape[1] == entry.bank.d:
-        entry.reservoir.offer(xq)
-    setting: dict[str, Any] = {"spec": "exact"}
-    if p.mode == "auto":
-        setting = auto_setting(entry, p.target_recall, measure, len(xq))
-        index = entry.index
-        if setting["spec"] != "exact" and index is not None:
-            D, I = index.search(xq, k, nprobe=setting["nprobe"], k_factor=setting["k_factor"])
-            return D, I, setting
-    elif p.mode == "approx":
-        index = _approx_or_409(entry)
-        D, I = index.search(xq, k, nprobe=p.nprobe, k_factor=p.k_factor)
-        return (
-            D,
-            I,
-            {
-                "spec": index.spec,
-                "nprobe": p.nprobe or index.nprobe,
-                "k_factor": p.k_factor or index.k_factor,
-            },
-        )
-    D, I = entry.bank.search(xq, k, device=device)
-    return D, I, setting
 
 
 def _observe(request: Request, entry: Entry, rows: int, setting: dict[str, Any]) -> None:
@@ -114,23 +73,25 @@ async def search(
     _rows(len(xq) if xq.ndim else 1, settings)
     if p.k > settings.max_k:
         raise HTTPException(422, f"k={p.k} exceeds the limit of {settings.max_k}")
-    D, I, setting = await run_in_threadpool(
-        _search, entry, xq, p, p.k, settings.device, "recall_10_at_10"
-    )
+    D, I, setting = await run_query(request.app.state, entry, xq, p, p.k, "recall_10_at_10")
     _observe(request, entry, len(D), setting)
     meta = {"mode": p.mode, "setting": setting}
     return respond(request, {"ids": I, "distances": D}, meta, _headers(entry, setting))
 
 
-def _nearest(
-    entry: Entry, z: np.ndarray, p: NearestParams, device: str
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _flatten(z: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, int]:
+    """(..., d) or channel-axis layouts -> (n, d) rows, and the vector axis."""
     if z.ndim < 1:
         raise HTTPException(422, "queries must have at least one axis (the vector axis)")
-    axis = _axis(p.channel_axis, z.ndim)
+    axis = _axis(channel_axis, z.ndim)
     zl = np.moveaxis(z, axis, -1)
-    lead, flat = zl.shape[:-1], zl.reshape(-1, zl.shape[-1])
-    _, I, setting = _search(entry, flat, p, 1, device, "recall_1_at_1")
+    return zl.reshape(-1, zl.shape[-1]), axis
+
+
+def _finish_nearest(
+    entry: Entry, z: np.ndarray, flat: np.ndarray, axis: int, I: np.ndarray, p: NearestParams
+) -> dict[str, np.ndarray]:
+    """Codes in the input's leading shape, plus z_q and errors when asked."""
     codes = I[:, 0]
     if (codes < 0).any():
         raise HTTPException(
@@ -139,6 +100,7 @@ def _nearest(
     top = np.iinfo(p.codes_dtype).max
     if len(codes) and int(codes.max()) > top:
         raise HTTPException(422, f"codes_dtype={p.codes_dtype} cannot hold code {int(codes.max())}")
+    lead = np.moveaxis(z, axis, -1).shape[:-1]
     out = {"codes": codes.astype(p.codes_dtype).reshape(lead)}
     if p.return_quantized or p.return_error:
         zq = entry.bank.get(codes)
@@ -147,7 +109,7 @@ def _nearest(
             out["errors"] = err.astype(np.float32).reshape(lead)
         if p.return_quantized:
             out["quantized"] = np.moveaxis(zq.reshape(*lead, -1), -1, axis)
-    return out, setting
+    return out
 
 
 @router.post(
@@ -171,7 +133,9 @@ async def nearest(
     p = params.merged(body, ("queries",))
     z = array_field(body, "queries")
     _rows(int(np.prod(z.shape[:-1])) if z.ndim else 1, settings)
-    out, setting = await run_in_threadpool(_nearest, entry, z, p, settings.device)
+    flat, axis = _flatten(z, p.channel_axis)
+    _, I, setting = await run_query(request.app.state, entry, flat, p, 1, "recall_1_at_1")
+    out = await run_in_threadpool(_finish_nearest, entry, z, flat, axis, I, p)
     _observe(request, entry, int(out["codes"].size), setting)
     if entry.usage is not None:
         entry.usage.record(out["codes"])

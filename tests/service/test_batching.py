@@ -1,0 +1,75 @@
+"""Micro-batching: concurrent small queries share one engine call and get their own answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from tests.conftest import brute_force
+from tests.service.conftest import CODEBOOK, app_client
+from vqsearch.index import Bank
+
+
+async def _concurrent_singles(api, rng, n: int):
+    qs = [rng.standard_normal((1, 16)).astype(np.float32) for _ in range(n)]
+    rs = await asyncio.gather(
+        *(api.post("/v1/banks/cb/search", json={"queries": q.tolist(), "k": 3}) for q in qs)
+    )
+    return qs, rs
+
+
+async def test_concurrent_queries_coalesce_and_answers_stay_exact(settings, rng, monkeypatch):
+    """40 concurrent one-vector searches run as far fewer engine calls, each answer exact."""
+    calls: list[int] = []
+    real = Bank.search
+    monkeypatch.setattr(
+        Bank,
+        "search",
+        lambda self, xq, k, device="auto": calls.append(len(xq)) or real(self, xq, k, device),
+    )
+    async with app_client(settings.model_copy(update={"batch_max_wait_ms": 50})) as api:
+        await api.put("/v1/banks/cb", json={"vectors": CODEBOOK.tolist()})
+        qs, rs = await _concurrent_singles(api, rng, 40)
+    assert sum(calls) == 40 and len(calls) < 10, calls
+    for q, r in zip(qs, rs, strict=True):
+        assert r.status_code == 200
+        np.testing.assert_array_equal(r.json()["ids"], brute_force(q, CODEBOOK, 3, "l2")[1])
+
+
+async def test_batching_off_runs_each_request_alone(settings, rng, monkeypatch):
+    """VQSEARCH_BATCH_MAX_ROWS=0: one engine call per request."""
+    calls: list[int] = []
+    real = Bank.search
+    monkeypatch.setattr(
+        Bank,
+        "search",
+        lambda self, xq, k, device="auto": calls.append(len(xq)) or real(self, xq, k, device),
+    )
+    async with app_client(settings.model_copy(update={"batch_max_rows": 0})) as api:
+        await api.put("/v1/banks/cb", json={"vectors": CODEBOOK.tolist()})
+        await _concurrent_singles(api, rng, 12)
+    assert calls == [1] * 12
+
+
+async def test_a_bad_request_does_not_spoil_the_batch(settings, rng):
+    """Among concurrent requests, a wrong-d or NaN one gets its 422; the others their answers."""
+    async with app_client(settings.model_copy(update={"batch_max_wait_ms": 50})) as api:
+        await api.put("/v1/banks/cb", json={"vectors": CODEBOOK.tolist()})
+        good = [{"queries": CODEBOOK[i : i + 1].tolist(), "k": 1} for i in range(10)]
+        bad = [{"queries": [[0.0] * 15], "k": 1}, {"queries": [[float("nan")] * 16], "k": 1}]
+        bodies = good[:5] + bad + good[5:]
+        rs = await asyncio.gather(
+            *(
+                api.post(
+                    "/v1/banks/cb/search",
+                    content=__import__("json").dumps(b, allow_nan=True),
+                    headers={"content-type": "application/json"},
+                )
+                for b in bodies
+            )
+        )
+        statuses = [r.status_code for r in rs]
+        assert statuses == [200] * 5 + [422, 422] + [200] * 5
+        assert [r.json()["ids"][0][0] for r in rs if r.status_code == 200] == list(range(10))
+        assert "vqsearch_batch_queue_rows 0.0" in (await api.get("/metrics")).text

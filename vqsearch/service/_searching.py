@@ -1,0 +1,136 @@
+"""Running a query for a route: which setting answers it (exact, the approximate index, or
+`auto`'s measured pick), and micro-batching of concurrent small requests into one engine call.
+
+Batching never changes an answer: every query is searched independently (exactly, or by faiss
+with the same parameters), so coalescing only amortises the scan over the bank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException
+from fastapi.concurrency import run_in_threadpool
+
+from vqsearch.index import EmptyBankError
+from vqsearch.index._validate import as_matrix, check_k, normalize
+
+from ._registry import Entry
+from ._sweeps import auto_setting
+
+Result = tuple[np.ndarray, np.ndarray]
+
+
+def resolve(entry: Entry, p: Any, measure: str, nq: int) -> dict[str, Any]:
+    """The setting that will answer: {"spec": "exact"} or the index spec and its parameters."""
+    if p.mode == "auto":
+        return auto_setting(entry, p.target_recall, measure, nq)
+    if p.mode == "exact":
+        return {"spec": "exact"}
+    index = entry.index
+    if index is None:
+        state = entry.build.state if entry.build else "absent"
+        raise HTTPException(
+            409,
+            f"bank {entry.name!r} has no ready approximate index (index state: {state}); "
+            "build one with PUT /v1/banks/{name}/index or use mode=exact",
+        )
+    return {
+        "spec": index.spec,
+        "nprobe": p.nprobe or index.nprobe,
+        "k_factor": p.k_factor or index.k_factor,
+    }
+
+
+def execute(entry: Entry, xq: np.ndarray, setting: dict[str, Any], k: int, device: str) -> Result:
+    if setting["spec"] == "exact":
+        return entry.bank.search(xq, k, device=device)
+    index = entry.index
+    if index is None or index.spec != setting["spec"]:
+        raise HTTPException(409, f"the approximate index of {entry.name!r} changed; retry")
+    return index.search(xq, k, nprobe=setting["nprobe"], k_factor=setting["k_factor"])
+
+
+@dataclass
+class _Batch:
+    parts: list[np.ndarray] = field(default_factory=list)
+    waiters: list[asyncio.Future[Result]] = field(default_factory=list)
+    rows: int = 0
+    full: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Batcher:
+    """Coalesces concurrent requests with the same key (bank, setting, k) until `max_rows`
+    query rows are waiting or the first has waited `max_wait` seconds, then runs one search
+    and hands each request its rows back. Requests of `max_rows` or more go straight through;
+    `max_rows = 0` turns batching off."""
+
+    def __init__(self, max_rows: int, max_wait: float) -> None:
+        self.max_rows, self.max_wait = max_rows, max_wait
+        self.open: dict[tuple[Any, ...], _Batch] = {}
+        self.waiting_rows = 0  # the queue depth /metrics reports
+
+    async def run(
+        self, key: tuple[Any, ...], xq: np.ndarray, fn: Callable[[np.ndarray], Result]
+    ) -> Result:
+        if len(xq) >= self.max_rows:
+            return await run_in_threadpool(fn, xq)
+        batch = self.open.get(key)
+        if batch is None:
+            batch = self.open[key] = _Batch()
+            asyncio.get_running_loop().create_task(self._flush(key, batch, fn))
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        batch.parts.append(xq)
+        batch.waiters.append(fut)
+        batch.rows += len(xq)
+        self.waiting_rows += len(xq)
+        if batch.rows >= self.max_rows:
+            self.open.pop(key, None)  # later arrivals start a new batch
+            batch.full.set()
+        return await fut
+
+    async def _flush(
+        self, key: tuple[Any, ...], batch: _Batch, fn: Callable[[np.ndarray], Result]
+    ) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):  # not the builtin on Python 3.10
+            await asyncio.wait_for(batch.full.wait(), self.max_wait)
+        if self.open.get(key) is batch:
+            del self.open[key]
+        self.waiting_rows -= batch.rows
+        try:
+            D, I = await run_in_threadpool(fn, np.concatenate(batch.parts))
+        except Exception as exc:  # every waiter gets the failure; none hangs
+            for fut in batch.waiters:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        i0 = 0
+        for part, fut in zip(batch.parts, batch.waiters, strict=True):
+            if not fut.done():
+                fut.set_result((D[i0 : i0 + len(part)], I[i0 : i0 + len(part)]))
+            i0 += len(part)
+
+
+async def run_query(
+    app_state: Any, entry: Entry, xq: np.ndarray, p: Any, k: int, measure: str
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Validate, pick the setting, search (batched with other requests when small)."""
+    # a bad request is refused here, alone: it must not fail the batch it would have joined
+    x = as_matrix(xq, "queries", entry.bank.d).numpy()
+    if entry.bank.ntotal == 0:
+        raise EmptyBankError(f"bank {entry.name!r} is empty")
+    check_k(k, entry.bank.ntotal)
+    if entry.bank.metric == "cosine":
+        normalize(as_matrix(x, "queries"), "queries")
+    if entry.reservoir is not None:
+        entry.reservoir.offer(x)
+    setting = resolve(entry, p, measure, len(x))
+    device = app_state.settings.device
+    key = (id(entry), setting["spec"], setting.get("nprobe"), setting.get("k_factor"), k)
+    D, I = await app_state.batcher.run(key, x, lambda xs: execute(entry, xs, setting, k, device))
+    return D, I, setting
