@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ._rows import RowSource, prepare
+from ._rows import RowSource, prepare, prepared_blocks
 from ._validate import Metric
 
 U32 = 2.0**-24
@@ -75,19 +75,21 @@ def _tiles(
     bs_b: int,
     radius2: torch.Tensor,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(r0, float32 score tile (bq, nbk)) over the bank, smaller is nearer, dead rows at +inf.
-    Updates radius2 (0-d tensor) in place to the largest squared norm of a prepared row."""
-    for r0, y, dead in src.blocks(bs_b):
-        yp = prepare(y.to(xs.device), metric, center)
-        yn = (yp * yp).sum(1)
+    """(r0, float32 score tile (bq, nbk)) over the bank, smaller is nearer, dead rows at +inf;
+    each tile is valid until the next is yielded (they share a buffer). Updates radius2 (0-d
+    tensor) in place to the largest squared norm of a prepared row."""
+    # One buffer for every tile of the scan: fresh 8-32 MiB tiles would each be page-faulted in.
+    buf = torch.empty(xs.shape[0] * bs_b, device=xs.device)
+    for r0, yp, yn, dead in prepared_blocks(src, bs_b, metric, center, xs.device):
         if yn.numel():
             torch.maximum(radius2, yn.max(), out=radius2)
+        tile = buf[: xs.shape[0] * yp.shape[0]].view(xs.shape[0], yp.shape[0])
         if metric == "l2":
-            tile = torch.addmm(yn.unsqueeze(0), xs, yp.T, beta=1.0, alpha=-2.0)
+            torch.addmm(yn.unsqueeze(0), xs, yp.T, beta=1.0, alpha=-2.0, out=tile)
         else:
-            tile = torch.mm(xs, yp.T).neg_()
+            torch.mm(xs, yp.T, out=tile).neg_()
         if dead is not None:
-            tile.masked_fill_(dead.to(xs.device).unsqueeze(0), math.inf)
+            tile.masked_fill_(dead.unsqueeze(0), math.inf)
         yield r0, tile
 
 

@@ -77,3 +77,26 @@ def prepare(y: torch.Tensor, metric: Metric, center: torch.Tensor | None) -> tor
     if center is not None:
         return y - center.to(y.device)
     return y
+
+
+# Banks whose prepared copy (centred or normalised float32, plus squared norms) fits in this
+# many bytes keep it per state: a query then skips the O(nb d) preparation, which for one
+# query costs more than the scan itself. Larger banks prepare block by block, in bounded memory.
+PREPARED_CACHE_BYTES = 256 << 20
+
+
+def prepared_blocks(
+    src: RowSource, bs: int, metric: Metric, center: torch.Tensor | None, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(r0, prepared rows (nbk, d), their squared norms (nbk,), dead (nbk,) or None)."""
+    cached = getattr(src, "prepared", None)
+    full = cached(metric, center, device) if cached is not None else None
+    if full is not None:
+        yp_all, yn_all, dead_all = full
+        for r0 in range(0, src.n, bs):
+            dead = None if dead_all is None else dead_all[r0 : r0 + bs]
+            yield r0, yp_all[r0 : r0 + bs], yn_all[r0 : r0 + bs], dead
+        return
+    for r0, y, dead in src.blocks(bs):
+        yp = prepare(y.to(device), metric, center)
+        yield r0, yp, (yp * yp).sum(1), None if dead is None else dead.to(device)

@@ -6,12 +6,13 @@ import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from ._errors import UnknownIdError
-from ._rows import bank_center
+from ._rows import PREPARED_CACHE_BYTES, bank_center, prepare
 from ._validate import Metric
 
 
@@ -33,6 +34,7 @@ class State:
     dead: np.ndarray  # (n_rows,) bool
     generation: int
     _centers: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    _prepared: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @functools.cached_property
     def offsets(self) -> np.ndarray:
@@ -96,6 +98,21 @@ class State:
         if metric not in self._centers:
             self._centers[metric] = bank_center(self, metric)
         return self._centers[metric]
+
+    def prepared(
+        self, metric: Metric, center: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The whole bank prepared for the scan, cached, when it fits PREPARED_CACHE_BYTES."""
+        if self.n * (self.d + 1) * 4 > PREPARED_CACHE_BYTES or self.n == 0:
+            return None
+        key = (metric, str(device))
+        if key not in self._prepared:
+            yp = torch.cat(
+                [prepare(y.to(device), metric, center) for _, y, _ in self.blocks(1 << 16)]
+            )
+            dead = torch.from_numpy(self.dead).to(device) if self.dead.any() else None
+            self._prepared[key] = (yp, (yp * yp).sum(1), dead)
+        return self._prepared[key]
 
     def version(self) -> str:
         h = hashlib.sha256()

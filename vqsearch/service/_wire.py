@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -35,11 +36,15 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # nobody is left to answer; a 4xx keeps it out of the error log and the 5xx count
+        raise HTTPException(400, "client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 

@@ -1,0 +1,183 @@
+"""Serving costs, measured against a real server on 127.0.0.1 in the same run:
+
+1. micro-batching: 64 concurrent clients each sending one vector at a time to `nearest` on a
+   16384 x 256 codebook, with batching on (VQSEARCH_BATCH_MAX_ROWS=4096) and off (0);
+2. transport: 8192 x 256 queries (k=1) end to end over HTTP, binary (.npy) and JSON, against
+   the same search in process.
+
+    python bench/serving.py [--seconds 15] [--out bench/results/serving.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from vqsearch.client import AsyncClient, Client
+from vqsearch.index import Bank
+
+NB, D = 16384, 256
+
+
+def serve(data: str, port: int, **env: str) -> subprocess.Popen[bytes]:
+    full = {
+        **os.environ,
+        "VQSEARCH_DATA_DIR": data,
+        "VQSEARCH_PORT": str(port),
+        "VQSEARCH_LOG_LEVEL": "warning",
+        "VQSEARCH_MAX_INFLIGHT": "1024",
+        **env,
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "vqsearch", "serve"], env=full)
+    for _ in range(600):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).raise_for_status()
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+async def singles(url: str, clients: int, seconds: float, codebook: np.ndarray) -> float:
+    """Requests per second of `clients` loops each sending one vector at a time."""
+    stop = time.monotonic() + seconds
+    done = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def loop(c: AsyncClient, w: int) -> None:
+        nonlocal done
+        rng = np.random.default_rng(w)
+        while time.monotonic() < stop:
+            z = codebook[rng.integers(NB)] + 0.1 * rng.standard_normal(D).astype(np.float32)
+            await c.nearest("cb", z[None])
+            done += 1
+
+    async with AsyncClient(url, timeout=60, retries=0) as c:
+        c._http = httpx.AsyncClient(base_url=url, timeout=60, limits=limits)
+        t0 = time.monotonic()
+        await asyncio.gather(*(loop(c, w) for w in range(clients)))
+        return done / (time.monotonic() - t0)
+
+
+def wrk_singles(url: str, clients: int, seconds: float, codebook: np.ndarray, tmp: str) -> float:
+    """The same load from wrk (C, a second process): the Python load generator's own cost
+    (httpx's pool bookkeeping with 64 connections) would otherwise cap what is measured."""
+    body = Path(tmp) / "one.npy"
+    np.save(body, (codebook[:1] + 0.1).astype(np.float32))
+    script = Path(tmp) / "post.lua"
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/x-npy"\n'
+        f'wrk.body = io.open("{body}", "rb"):read("*all")\n'
+    )
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{clients}",
+            f"-d{int(seconds)}s",
+            "-s",
+            str(script),
+            f"{url}/v1/banks/cb/nearest",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(out)
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+
+def best(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.md")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    codebook = rng.standard_normal((NB, D)).astype(np.float32)
+    lines = ["# serving on 127.0.0.1 (2 cores; load generator on the same machine)", ""]
+    rps = {}
+    for name, rows in (("batching on", "4096"), ("batching off", "0")):
+        with tempfile.TemporaryDirectory() as data:
+            port = 18500 + len(rps)
+            proc = serve(data, port, VQSEARCH_BATCH_MAX_ROWS=rows)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                with Client(url) as c:
+                    c.create_bank("cb", codebook)
+                if shutil.which("wrk"):
+                    rps[name] = wrk_singles(url, args.clients, args.seconds, codebook, data)
+                else:
+                    rps[name] = asyncio.run(singles(url, args.clients, args.seconds, codebook))
+            finally:
+                proc.terminate()
+                proc.wait(60)
+        print(f"{name}: {rps[name]:.0f} requests/s", flush=True)
+    lines += [
+        f"## {args.clients} clients, one vector per request, `nearest`, {NB}x{D} codebook, "
+        f"{args.seconds:.0f} s each",
+        "",
+        "| server | requests/s |",
+        "|---|---|",
+        *[f"| {k} | {v:.0f} |" for k, v in rps.items()],
+        "",
+        f"batching on / off: **{rps['batching on'] / rps['batching off']:.2f}x**",
+        "",
+    ]
+
+    xq = (codebook[rng.integers(0, NB, 8192)] + 0.1 * rng.standard_normal((8192, D))).astype(
+        np.float32
+    )
+    bank = Bank(D)
+    bank.add(codebook)
+    t_local = best(lambda: bank.search(xq, 1, device="cpu"))
+    with tempfile.TemporaryDirectory() as data:
+        proc = serve(data, 18600, VQSEARCH_DEVICE="cpu", VQSEARCH_MAX_BODY_BYTES=str(1 << 30))
+        try:
+            url = "http://127.0.0.1:18600"
+            with Client(url, timeout=300, chunk_size=1 << 20) as c:
+                c.create_bank("cb", codebook)
+                t_npy = best(lambda: c.search("cb", xq, k=1))
+            with Client(url, timeout=300, chunk_size=1 << 20, binary=False) as j:
+                t_json = best(lambda: j.search("cb", xq, k=1), repeats=2)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    lines += [
+        "## 8192 x 256 queries, k=1, end to end against in process",
+        "",
+        "| path | seconds | / in process |",
+        "|---|---|---|",
+        f"| in process (Bank.search) | {t_local:.3f} | 1.00 |",
+        f"| HTTP, .npy / .npz | {t_npy:.3f} | {t_npy / t_local:.2f} |",
+        f"| HTTP, JSON | {t_json:.3f} | {t_json / t_local:.2f} |",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
