@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/exact.py --out bench/results/exact.md
 	$(BIN)/python bench/tradeoff.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/serving.py
 
 # requirements.lock: the server's dependencies pinned, as the Docker image installs them
 lock:
