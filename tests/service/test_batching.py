@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from tests.conftest import brute_force
 from tests.service.conftest import CODEBOOK, app_client
@@ -19,8 +20,9 @@ async def _concurrent_singles(api, rng, n: int):
     return qs, rs
 
 
-async def test_concurrent_queries_coalesce_and_answers_stay_exact(settings, rng, monkeypatch):
-    """40 concurrent one-vector searches run as far fewer engine calls, each answer exact."""
+@pytest.fixture
+def engine_calls(monkeypatch) -> list[int]:
+    """The number of query rows of every Bank.search call the server makes."""
     calls: list[int] = []
     real = Bank.search
     monkeypatch.setattr(
@@ -28,28 +30,26 @@ async def test_concurrent_queries_coalesce_and_answers_stay_exact(settings, rng,
         "search",
         lambda self, xq, k, device="auto": calls.append(len(xq)) or real(self, xq, k, device),
     )
+    return calls
+
+
+async def test_concurrent_queries_coalesce_and_answers_stay_exact(settings, rng, engine_calls):
+    """40 concurrent one-vector searches run as far fewer engine calls, each answer exact."""
     async with app_client(settings.model_copy(update={"batch_max_wait_ms": 50})) as api:
         await api.put("/v1/banks/cb", json={"vectors": CODEBOOK.tolist()})
         qs, rs = await _concurrent_singles(api, rng, 40)
-    assert sum(calls) == 40 and len(calls) < 10, calls
+    assert sum(engine_calls) == 40 and len(engine_calls) < 10, engine_calls
     for q, r in zip(qs, rs, strict=True):
         assert r.status_code == 200
         np.testing.assert_array_equal(r.json()["ids"], brute_force(q, CODEBOOK, 3, "l2")[1])
 
 
-async def test_batching_off_runs_each_request_alone(settings, rng, monkeypatch):
+async def test_batching_off_runs_each_request_alone(settings, rng, engine_calls):
     """VQSEARCH_BATCH_MAX_ROWS=0: one engine call per request."""
-    calls: list[int] = []
-    real = Bank.search
-    monkeypatch.setattr(
-        Bank,
-        "search",
-        lambda self, xq, k, device="auto": calls.append(len(xq)) or real(self, xq, k, device),
-    )
     async with app_client(settings.model_copy(update={"batch_max_rows": 0})) as api:
         await api.put("/v1/banks/cb", json={"vectors": CODEBOOK.tolist()})
         await _concurrent_singles(api, rng, 12)
-    assert calls == [1] * 12
+    assert engine_calls == [1] * 12
 
 
 async def test_a_bad_request_does_not_spoil_the_batch(settings, rng):
