@@ -25,6 +25,26 @@ from vqsearch.client import AsyncClient, VQSearchClientError
 D, NB = 64, 16384
 
 
+def serve(data: str, port: int, **env: str) -> subprocess.Popen[bytes]:
+    """`vqsearch serve` on 127.0.0.1:port over the data dir, once it answers /readyz."""
+    full = {
+        **os.environ,
+        "VQSEARCH_DATA_DIR": data,
+        "VQSEARCH_PORT": str(port),
+        "VQSEARCH_LOG_LEVEL": "warning",
+        **env,
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "vqsearch", "serve"], env=full)
+    for _ in range(600):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).raise_for_status()
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -102,23 +122,11 @@ def main() -> None:
     args = ap.parse_args()
     port = 18000 + os.getpid() % 1000
     with tempfile.TemporaryDirectory() as data:
-        env = {
-            **os.environ,
-            "VQSEARCH_DATA_DIR": data,
-            "VQSEARCH_PORT": str(port),
-            "VQSEARCH_LOG_LEVEL": "warning",
-            "VQSEARCH_MAX_INFLIGHT": "256",
-        }
-        proc = subprocess.Popen([sys.executable, "-m", "vqsearch", "serve"], env=env)
+        proc = serve(data, port, VQSEARCH_MAX_INFLIGHT="256")
         try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    httpx.get(f"{url}/readyz", timeout=1).raise_for_status()
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            report = asyncio.run(run(url, proc.pid, args.clients, args.seconds))
+            report = asyncio.run(
+                run(f"http://127.0.0.1:{port}", proc.pid, args.clients, args.seconds)
+            )
         finally:
             proc.terminate()
             proc.wait(60)

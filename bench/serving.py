@@ -12,41 +12,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+from load import serve  # bench/ is on sys.path when run as a script
 
 from vqsearch.client import AsyncClient, Client
 from vqsearch.index import Bank
 
 NB, D = 16384, 256
-
-
-def serve(data: str, port: int, **env: str) -> subprocess.Popen[bytes]:
-    full = {
-        **os.environ,
-        "VQSEARCH_DATA_DIR": data,
-        "VQSEARCH_PORT": str(port),
-        "VQSEARCH_LOG_LEVEL": "warning",
-        "VQSEARCH_MAX_INFLIGHT": "1024",
-        **env,
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "vqsearch", "serve"], env=full)
-    for _ in range(600):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).raise_for_status()
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
 
 
 async def singles(url: str, clients: int, seconds: float, codebook: np.ndarray) -> float:
@@ -121,7 +101,7 @@ def main() -> None:
     for name, rows in (("batching on", "4096"), ("batching off", "0")):
         with tempfile.TemporaryDirectory() as data:
             port = 18500 + len(rps)
-            proc = serve(data, port, VQSEARCH_BATCH_MAX_ROWS=rows)
+            proc = serve(data, port, VQSEARCH_BATCH_MAX_ROWS=rows, VQSEARCH_MAX_INFLIGHT="1024")
             try:
                 url = f"http://127.0.0.1:{port}"
                 with Client(url) as c:
@@ -153,7 +133,13 @@ def main() -> None:
     bank.add(codebook)
     t_local = best(lambda: bank.search(xq, 1, device="cpu"))
     with tempfile.TemporaryDirectory() as data:
-        proc = serve(data, 18600, VQSEARCH_DEVICE="cpu", VQSEARCH_MAX_BODY_BYTES=str(1 << 30))
+        proc = serve(
+            data,
+            18600,
+            VQSEARCH_DEVICE="cpu",
+            VQSEARCH_MAX_BODY_BYTES=str(1 << 30),
+            VQSEARCH_MAX_INFLIGHT="1024",
+        )
         try:
             url = "http://127.0.0.1:18600"
             with Client(url, timeout=300, chunk_size=1 << 20) as c:

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from vqsearch.index._validate import as_tensor
 
 Mode = Literal["exact", "approx", "auto"]
-NPY_NOTE = "or the same array as a `.npy` body (`Content-Type: application/x-npy`)"
 
 
 class _Params(BaseModel):
@@ -66,10 +65,6 @@ class TradeoffParams(_Params):
     n_queries: int = Field(1000, ge=10, le=100_000, description="perturbed queries to generate")
     batch_sizes: list[int] = Field([1, 64, 4096], min_length=1, max_length=8)
     min_seconds: float = Field(0.2, ge=0, le=10, description="timing per point and batch size")
-
-
-class QueriesBody(BaseModel):
-    queries: list[Any] = Field(description=f"(nq, d) nested list of numbers, {NPY_NOTE}")
 
 
 def array_field(body: dict[str, Any], name: str, required: bool = True) -> Any:
