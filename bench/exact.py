@@ -1,10 +1,14 @@
 """Exact search: our `knn` against faiss `IndexFlatL2`, measured in the same run.
 
-Prints, per case, the best-of-N wall time of each and the ratio ours / faiss (<= 1.0 means we are
-at least as fast), and how many ids differ from faiss (faiss is float32 and not tie-exact, so a
-few differences on near-ties are expected; ours equal float64 brute force, see tests/).
+Per case: the best-of-N wall time of faiss, of ours with fp32 candidates and of ours with the
+default ('auto': bf16 candidates for k = 1 where the CPU runs bf16 natively); the ratio ours /
+faiss (<= 1.0: at least as fast); the GFLOP/s achieved (2 nq nb d / time) next to the machine's
+fp32 and bf16 GEMM rates measured at the start of the run; how many queries the first scan
+proved (the rest were scanned again, see vqsearch/index/_exact.py); and how many ids differ from
+faiss (faiss is float32 and not tie-exact; ours equal float64 brute force, see tests/).
+Timings alternate faiss / ours / ours so that a noisy neighbour hurts both alike.
 
-    python bench/exact.py [--repeats 3] [--out bench/results/exact.md]
+    python bench/exact.py [--repeats 5] [--out bench/results/exact.md]
 """
 
 from __future__ import annotations
@@ -12,56 +16,98 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
+from faiss.contrib.datasets import SyntheticDataset
 
 from vqsearch.index import knn
 
 CASES = [
     # name, nb, d, nq, k, data
-    ("codebook 16384x256, 16384 queries, k=1", 16384, 256, 16384, 1),
-    ("bank 200000x128, 1000 queries, k=10", 200_000, 128, 1000, 10),
-    ("bank 1000000x128, 1000 queries, k=10", 1_000_000, 128, 1000, 10),
+    ("codebook 16384x256, 16384 queries, k=1", 16384, 256, 16384, 1, "code+noise"),
+    ("k-means codebook 4096x256, 16384 queries, k=1", 4096, 256, 16384, 1, "kmeans"),
+    ("bank 200000x128, 1000 queries, k=10", 200_000, 128, 1000, 10, "code+noise"),
+    ("bank 1000000x128, 1000 queries, k=10", 1_000_000, 128, 1000, 10, "code+noise"),
 ]
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    out, times = None, []
-    for _ in range(repeats):
+def gemm_rate(dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best GFLOP/s of a 4096 x 4096 x 256 torch GEMM (the shape of a scan tile)."""
+    a = torch.randn(4096, 256).to(dtype)
+    b = torch.randn(4096, 256).to(dtype)
+    out = torch.empty(4096, 4096, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        torch.mm(a, b.T, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 * 4096 * 256 / best / 1e9
+
+
+def data(kind: str, nb: int, d: int, nq: int, rng: np.random.Generator):
+    """(xb, xq). code+noise: queries are bank rows plus noise (a clear nearest row).
+    kmeans: a codebook trained by k-means on structured data, queries fresh from that data
+    (what a VQ tokenizer sees: nearest codes can be close to each other)."""
+    if kind == "kmeans":
+        ds = SyntheticDataset(d, 40 * nb, 0, nq, seed=1)
+        km = faiss.Kmeans(d, nb, niter=10, seed=1)
+        km.train(ds.get_train())
+        return km.centroids.astype(np.float32), ds.get_queries()
+    xb = rng.standard_normal((nb, d)).astype(np.float32)
+    xq = (xb[rng.integers(0, nb, nq)] + 0.5 * rng.standard_normal((nq, d))).astype(np.float32)
+    return xb, xq
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
+    fp32, bf16 = gemm_rate(torch.float32), gemm_rate(torch.bfloat16)
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
         f"threads, {faiss.omp_get_max_threads()} faiss threads, torch {torch.__version__}, "
         f"faiss {faiss.__version__}",
+        f"GEMM rate measured in this run (4096x4096x256): fp32 {fp32:.0f} GFLOP/s, "
+        f"bf16 {bf16:.0f} GFLOP/s",
         "",
-        "| case | ours (s) | faiss IndexFlatL2 (s) | ours / faiss | ids differing from faiss |",
-        "|---|---|---|---|---|",
+        "| case | faiss IndexFlatL2 (s) | ours, fp32 (s) | ours, auto (s) | fp32 / faiss "
+        "| auto / faiss | auto GFLOP/s | first scan proved | ids differing from faiss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    print(lines[0])
-    for name, nb, d, nq, k in CASES:
-        xb = rng.standard_normal((nb, d)).astype(np.float32)
-        xq = (xb[rng.integers(0, nb, nq)] + 0.5 * rng.standard_normal((nq, d))).astype(np.float32)
+    print(*lines[:2], sep="\n")
+    for name, nb, d, nq, k, kind in CASES:
+        xb, xq = data(kind, nb, d, nq, rng)
         index = faiss.IndexFlatL2(d)
         index.add(xb)
-        t_faiss, (_, If) = best_of(lambda: index.search(xq, k), args.repeats)  # noqa: B023
-        t_ours, (_, Io) = best_of(lambda: knn(xq, xb, k, device="cpu"), args.repeats)  # noqa: B023
+        runs = {
+            "faiss": lambda: index.search(xq, k),  # noqa: B023
+            "fp32": lambda: knn(xq, xb, k, precision="fp32"),  # noqa: B023
+            "auto": lambda: knn(xq, xb, k),  # noqa: B023
+        }
+        best = dict.fromkeys(runs, float("inf"))
+        out = {}
+        for _ in range(args.repeats):
+            for key, fn in runs.items():
+                t0 = time.perf_counter()
+                out[key] = fn()
+                best[key] = min(best[key], time.perf_counter() - t0)
+        stats: Counter[str] = Counter()
+        knn(xq, xb, k, stats=stats)
+        first = next(iter(stats))[: -len(" scanned")]
+        proved = f"{stats[first + ' proven'] / stats[first + ' scanned']:.1%} ({first})"
+        I_f, I_a = out["faiss"][1], out["auto"][1]
+        assert (out["fp32"][1] == I_a).all(), "fp32 and auto candidates disagree"
         row = (
-            f"| {name} | {t_ours:.3f} | {t_faiss:.3f} | {t_ours / t_faiss:.2f} | "
-            f"{int((Io != If).sum())} of {Io.size} |"
+            f"| {name} | {best['faiss']:.3f} | {best['fp32']:.3f} | {best['auto']:.3f} | "
+            f"{best['fp32'] / best['faiss']:.2f} | {best['auto'] / best['faiss']:.2f} | "
+            f"{2 * nq * nb * d / best['auto'] / 1e9:.0f} | {proved} | "
+            f"{int((I_a != I_f).sum())} of {I_a.size} |"
         )
         print(row, flush=True)
         lines.append(row)

@@ -222,25 +222,31 @@ class Bank:
             normalize(x, "xq")  # raises on a zero query
         return x
 
-    def search(self, xq: Any, k: int, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, xq: Any, k: int, device: str = "auto", precision: str = "auto"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k. xq (nq, d) -> D (nq, k) float32, I (nq, k) int64 ids.
-        l2: squared distances ascending; ip and cosine: similarities descending."""
+        l2: squared distances ascending; ip and cosine: similarities descending.
+        precision: the candidate scan's ('auto', 'fp32', 'bf16'); the answer is exact in all."""
         state = self._state
         if state.ntotal == 0:
             raise EmptyBankError("the bank is empty")
         x = self._queries(xq)
         k = check_k(k, state.ntotal)
         dev = resolve_device(device)
+        center = state.center(self.metric)
         if k == 1:
-            d1, i1 = search_nearest(x, state, state.center(self.metric), self.metric, dev)
+            d1, i1 = search_nearest(x, state, center, self.metric, dev, precision=precision)
             D, I = d1[:, None], i1[:, None]
         else:
-            D, I = search_topk(x, state, state.center(self.metric), self.metric, k, dev)
+            D, I = search_topk(x, state, center, self.metric, k, dev, precision=precision)
         return to_reported(D, self.metric), I.numpy()
 
-    def nearest(self, xq: Any, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    def nearest(
+        self, xq: Any, device: str = "auto", precision: str = "auto"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Nearest code of every query: xq (nq, d) -> D (nq,) float32, I (nq,) int64."""
-        D, I = self.search(xq, 1, device)
+        D, I = self.search(xq, 1, device, precision)
         return D[:, 0], I[:, 0]
 
     # -- writing -----------------------------------------------------------------------------

@@ -1,70 +1,52 @@
 """Exact k-NN by torch matmul expansion, equal to float64 brute force (ties: lowest id first).
 
-1. Scan. float32 scores, blocked over queries (``bs_q``) and bank (``bs_b``) with a running top-K
-   (K = k + 2): ``s = ||y||^2 - 2 x.y`` for l2 with both sides centred on the bank mean (the
-   norm of x is constant per query, so it is left out), ``s = -x.y`` for ip and cosine.
+1. Scan. Candidate scores, blocked over queries (``bs_q``) and bank (``bs_b``) with a running
+   top-K (K = k + 2): ``s = ||y||^2 - 2 x.y`` for l2 with both sides centred on the bank mean
+   (the norm of x is constant per query, so it is left out), ``s = -x.y`` for ip and cosine.
+   The scan runs in bf16 or fp32 (`_precision`: bf16 where the CPU or GPU runs it natively).
 2. Re-rank. The K kept rows are scored again in float64 by the direct formula (``sum((x-y)^2)``,
    ``x.y``, ``x.y / |x||y|``) and sorted by (distance, id).
 
-Why this is exact, whatever the data: each float32 score is within ``E_q = c (|x_q| + R)^2`` of
-its true value (R the bank radius around the centre, ``c = 2 (d + 8) u`` twice the textbook
-dot-product rounding bound). With tau the k-th smallest kept score, every true top-k row (ties
-included) scores at most ``tau + 2 E_q``. If the K-th kept score is above that, the kept rows hold
-all of them and the float64 re-rank is exact. Otherwise (near-ties, or large norms against tiny
-gaps) the query is scanned again keeping k + 32 rows, and if that cannot prove it either, by a
-float64 scan of the whole bank. Centring on the mean is what
-keeps R, and so E_q, small for data far from the origin.
+Why this is exact, whatever the data: each scan score is within ``E_q`` of its true value
+(`_precision.error_bound`: ``c (|x_q| + R)^2``, R the bank radius around the centre). With tau
+the k-th smallest kept score, every true top-k row (ties included) scores at most ``tau + 2 E_q``.
+If the K-th kept score is above that, the kept rows hold all of them and the float64 re-rank is
+exact. Otherwise (near-ties, or large norms against tiny gaps) the query is scanned again: a bf16
+scan's leftovers in fp32, an fp32 scan's keeping k + 32 rows, and what that cannot prove either
+by a float64 scan of the whole bank. Centring on the mean is what keeps R, and so E_q, small for
+data far from the origin.
 
-k = 1 takes a cheaper scan than a top-K: a running best and second-best score (per tile a min,
-then a min with the winner masked); a query whose best is not provably unique (second best within
-``2 E_q``) goes through the top-K path.
+Selection without a full sort of each tile (a `topk` or an argmin over the tile costs more than
+the GEMM that made it): the tile's columns are cut into G slabs of ng columns, and the minimum
+over the slabs (elementwise, G - 1 vector ops) gives the minimum of each strided group
+``{j, j + ng, j + 2 ng, ...}``. Only the best groups are opened. k = 1 keeps a running best and
+second best (per tile: the best group, its best member, and the best score outside that member);
+a query whose best is not provably unique (second best within ``2 E_q``) goes through top-K.
 
-Scratch memory: the score tile is ``bs_q x bs_b`` float32 (``tile_elems`` elements: 2**21, 8 MiB,
-for k = 1; 2**23, 32 MiB, for top-k), plus small per-tile selections (group minima), the running
-``bs_q x 2K`` state, and re-rank chunks of at most 2**21 float64 elements (16 MiB). It does not
-grow with nq x nb: under 64 MiB at the defaults, plus the centred query block (bs_q x d float32).
+Scratch memory: the score tile is ``bs_q x bs_b`` in the scan dtype (``tile_elems`` elements:
+2**21, 4-8 MiB, for k = 1; 2**23, 16-32 MiB, for top-k), the group minima (1/G of it), the
+running ``bs_q x 2K`` state, and re-rank chunks of at most 2**21 float64 elements (16 MiB). It
+does not grow with nq x nb: under 64 MiB at the defaults, plus the prepared query block.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
 
+from ._precision import WORTH_IT, Precision, choose, error_bound, record, resolve
 from ._rows import RowSource, prepare, prepared_blocks
 from ._validate import Metric
 
-U32 = 2.0**-24
 TILE_ELEMS = 1 << 21  # k = 1: 2048 queries x 1024 rows, measured fastest here
-TOPK_TILE_ELEMS = 1 << 23  # top-k: 1024 queries x 8192 rows, room for the group minima
-GROUP = 32
+TOPK_TILE_ELEMS = 1 << 21  # top-k: 1024 queries x 2048 rows; larger tiles leave the cache
+SLABS = 8  # k = 1: groups of 8 strided columns
+TOPK_SLABS = 32
 RERANK_ELEMS = 1 << 21
 MARGINS = (2, 32)  # kept beyond k by the first scan, then by a retry for unproven queries
-
-
-def _unit_roundoff(device: torch.device) -> float:
-    # TF32 rounds the GEMM inputs to 10 mantissa bits; the bound must say so.
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return 2.0**-11
-    return U32
-
-
-def _error_bound(xs: torch.Tensor, radius2: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """E_q (nq,) float64: bound on |float32 score - true score| for every row of the bank,
-    given radius2, the largest float32 squared norm of a (prepared) bank row."""
-    d = xs.shape[1]
-    c = 2.0 * (d + 8) * _unit_roundoff(xs.device)
-    xn = torch.linalg.vector_norm(xs.double(), dim=1).cpu()
-    radius = math.sqrt(float(radius2)) * (1 + 1e-5)  # the float32 norm's own rounding
-    if metric == "l2":
-        e = c * (xn + radius) ** 2
-    elif metric == "ip":
-        e = c * xn * radius
-    else:  # unit vectors; normalising each side adds about (d + 3) u more
-        e = torch.full_like(xn, 2.0 * c)
-    # A non-finite bound (float32 overflow) sends the query to the float64 scan.
-    return torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
 
 
 def _tiles(
@@ -74,23 +56,55 @@ def _tiles(
     metric: Metric,
     bs_b: int,
     radius2: torch.Tensor,
+    prec: Precision,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(r0, float32 score tile (bq, nbk)) over the bank, smaller is nearer, dead rows at +inf;
-    each tile is valid until the next is yielded (they share a buffer). Updates radius2 (0-d
-    tensor) in place to the largest squared norm of a prepared row."""
+    """(r0, score tile (bq, nbk) in prec.dtype) over the bank, smaller is nearer, dead rows at
+    +inf; each tile is valid until the next is yielded (they share a buffer). Updates radius2
+    (0-d float32) in place to the largest squared norm of a prepared row."""
     # One buffer for every tile of the scan: fresh 8-32 MiB tiles would each be page-faulted in.
-    buf = torch.empty(xs.shape[0] * bs_b, device=xs.device)
-    for r0, yp, yn, dead in prepared_blocks(src, bs_b, metric, center, xs.device):
+    buf = torch.empty(xs.shape[0] * bs_b, device=xs.device, dtype=prec.dtype)
+    xg = xs.to(prec.dtype)
+    for r0, yp, yn, dead in prepared_blocks(src, bs_b, metric, center, xs.device, prec.dtype):
         if yn.numel():
             torch.maximum(radius2, yn.max(), out=radius2)
         tile = buf[: xs.shape[0] * yp.shape[0]].view(xs.shape[0], yp.shape[0])
         if metric == "l2":
-            torch.addmm(yn.unsqueeze(0), xs, yp.T, beta=1.0, alpha=-2.0, out=tile)
+            bias = yn.to(prec.dtype).unsqueeze(0)
+            torch.addmm(bias, xg, yp.T, beta=1.0, alpha=-2.0, out=tile)
         else:
-            torch.mm(xs, yp.T, out=tile).neg_()
+            torch.mm(xg, yp.T, out=tile).neg_()
         if dead is not None:
             tile.masked_fill_(dead.unsqueeze(0), math.inf)
         yield r0, tile
+
+
+def _group_min(tile: torch.Tensor, ng: int, out: torch.Tensor) -> torch.Tensor:
+    """(bq, ng) minimum of each strided column group {j, j + ng, ...} of the tile; out is a
+    scratch buffer of at least bq x max(ng, w / 2) elements."""
+    bq, w = tile.shape
+    if w % ng == 0 and (ng >= 64 or tile.dtype == torch.float32):
+        # A reduction over the middle axis: vectorised along the rows, about 2x the halving.
+        return torch.amin(tile.view(bq, w // ng, ng), 1, out=out.view(-1)[: bq * ng].view(bq, ng))
+    h = w // 2
+    if w % ng == 0 and (w // ng) & (w // ng - 1) == 0 and h >= ng:
+        # Halving: log2(G) vector ops instead of G - 1 (each op has a fixed cost of ~10 us).
+        m = torch.minimum(tile[:, :h], tile[:, h:], out=out[:, :h])
+        while h > ng:
+            h //= 2
+            m = torch.minimum(m[:, :h], m[:, h : 2 * h], out=out[:, :h])
+        return m
+    m = out[:, :ng]
+    m.copy_(tile[:, :ng])
+    for c0 in range(ng, w, ng):
+        c1 = min(c0 + ng, w)
+        torch.minimum(m[:, : c1 - c0], tile[:, c0:c1], out=m[:, : c1 - c0])
+    return m
+
+
+def _members(groups: torch.Tensor, ng: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns (..., G) of the given groups, clamped into the tile, and which do not exist."""
+    cols = groups.unsqueeze(-1) + ng * torch.arange(-(-w // ng), device=groups.device)
+    return cols.clamp_max(w - 1), cols >= w
 
 
 def exact64(x: torch.Tensor, y: torch.Tensor, metric: Metric) -> torch.Tensor:
@@ -154,30 +168,62 @@ def _scan64(
     return out_d, out_i
 
 
-def _block_sizes(nq: int, tile_elems: int, bs_b: int) -> tuple[int, int]:
-    """(bs_q, bs_b): bank blocks of the preferred size (a multiple of GROUP), as many queries
-    as fit in the tile."""
-    bs_b = max(GROUP, min(bs_b, tile_elems // 16) // GROUP * GROUP)
+def _count(stats: Counter[str] | None, scan: str, scanned: int, proven: int) -> None:
+    """Tally, per scan, the queries it scanned and those it proved (the rest went on)."""
+    if stats is not None:
+        stats[f"{scan} scanned"] += scanned
+        stats[f"{scan} proven"] += proven
+
+
+def _block_sizes(nq: int, tile_elems: int, bs_b: int, slabs: int) -> tuple[int, int]:
+    """(bs_q, bs_b): bank blocks of the preferred size (a multiple of the slab count), as many
+    queries as fit in the tile."""
+    bs_b = max(slabs, min(bs_b, tile_elems // 16) // slabs * slabs)
     return max(1, min(nq, tile_elems // bs_b)), bs_b
 
 
-def _tile_topk(tile: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kk smallest of each row (unsorted) and their columns.
+def _open_groups(
+    tile: torch.Tensor, qs: torch.Tensor, gm: torch.Tensor, o: int, ng: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the tile rows qs: (scores float32, columns) of every member of their o groups with
+    the smallest minima gm (n, ng). The o smallest of a row are among them: its o best groups
+    hold o distinct minima no larger than anything in the groups left out."""
+    w = tile.shape[1]
+    _, gi = gm.topk(min(o, ng), dim=1, largest=False, sorted=False)
+    cols, absent = _members(gi, ng, w)
+    cols, absent = cols.reshape(len(qs), -1), absent.reshape(len(qs), -1)
+    vals = torch.take(tile, qs.unsqueeze(1) * w + cols).float().masked_fill_(absent, math.inf)
+    return vals, cols
 
-    A plain `topk` over the tile costs more than the GEMM that made it. Instead take the minimum
-    of each group of GROUP columns, the kk groups with the smallest minima, and a `topk` within
-    them. Every column left out scores at least the kk-th kept score: a row's kk best groups hold
-    kk distinct minima no larger than anything in the groups left out.
-    """
-    bq, nbk = tile.shape
-    ng = nbk // GROUP
-    if nbk % GROUP or ng <= kk:
-        return tile.topk(min(kk, nbk), dim=1, largest=False, sorted=False)
-    groups = tile.view(bq, ng, GROUP)
-    _, gi = groups.amin(2).topk(kk, dim=1, largest=False, sorted=False)
-    cand = groups.gather(1, gi.unsqueeze(2).expand(-1, -1, GROUP)).reshape(bq, kk * GROUP)
-    v, j = cand.topk(kk, dim=1, largest=False, sorted=False)
-    return v, gi.gather(1, j // GROUP) * GROUP + j % GROUP
+
+def _update_best2(
+    tile: torch.Tensor,
+    ng: int,
+    gbuf: torch.Tensor,
+    r0: int,
+    best: torch.Tensor,
+    second: torch.Tensor,
+    arg: torch.Tensor,
+) -> None:
+    """Fold a tile into the running (best score, its row, second best score) of each query.
+    Only queries whose best the tile beats ("hot": few, past the first tiles) open a group."""
+    w = tile.shape[1]
+    gm = _group_min(tile, ng, gbuf)
+    m = gm.amin(1).float()
+    hot = m < best
+    torch.minimum(second, torch.where(hot, best, m), out=second)
+    qs = hot.nonzero().squeeze(1)
+    if not len(qs):
+        return
+    g = gm.index_select(0, qs)
+    mq, gq = g.min(1)
+    outside = g.scatter_(1, gq.unsqueeze(1), math.inf).amin(1)  # best of the other groups
+    cols, absent = _members(gq, ng, w)
+    vals = torch.take(tile, qs.unsqueeze(1) * w + cols).float().masked_fill_(absent, math.inf)
+    j = vals.argmin(1, keepdim=True)
+    inside = vals.scatter_(1, j, math.inf).amin(1)  # the winner's group, but the winner
+    second[qs] = torch.minimum(second[qs], torch.minimum(outside.float(), inside))
+    best[qs], arg[qs] = mq.float(), cols.gather(1, j).squeeze(1) + r0
 
 
 def _scan_topk(
@@ -188,17 +234,31 @@ def _scan_topk(
     kk: int,
     bs_b: int,
     radius2: torch.Tensor,
+    prec: Precision,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running float32 top-kk (scores, rows) of one query block; rows are global row numbers."""
+    """Running top-kk (float32 scores, rows) of one query block; rows are global row numbers.
+
+    Past the first tiles most queries have nothing to gain from a tile: none of its group
+    minima beats their kk-th best so far. Only the others ("hot") open groups and merge."""
     bq = xs.shape[0]
-    vals = torch.empty(bq, 0, device=xs.device)
-    rows = torch.empty(bq, 0, dtype=torch.int64, device=xs.device)
-    for r0, tile in _tiles(xs, src, center, metric, bs_b, radius2):
-        v, i = _tile_topk(tile, kk)
-        vals, rows = torch.cat([vals, v], 1), torch.cat([rows, i + r0], 1)
-        if vals.shape[1] > kk:
-            vals, j = vals.topk(kk, dim=1, largest=False, sorted=False)
-            rows = rows.gather(1, j)
+    ng = -(-bs_b // TOPK_SLABS)
+    gbuf = torch.empty(bq, max(ng, bs_b // 2), device=xs.device, dtype=prec.dtype)
+    vals = torch.full((bq, kk), math.inf, device=xs.device)
+    rows = torch.zeros(bq, kk, dtype=torch.int64, device=xs.device)
+    tau = torch.full((bq,), math.inf, device=xs.device)  # the kk-th best so far
+    for r0, tile in _tiles(xs, src, center, metric, bs_b, radius2, prec):
+        ngt = min(ng, -(-tile.shape[1] // TOPK_SLABS))
+        gm = _group_min(tile, ngt, gbuf)
+        beats = (gm < tau.unsqueeze(1).to(gm.dtype)).sum(1)
+        qs = beats.nonzero().squeeze(1)
+        if not len(qs):
+            continue
+        # Opening the o best groups of each hot row covers every group that beats its tau.
+        o = min(kk, int(beats.max()))
+        v, c = _open_groups(tile, qs, gm.index_select(0, qs), o, ngt)
+        v, c = torch.cat([vals[qs], v], 1), torch.cat([rows[qs], c + r0], 1)
+        v, j = v.topk(kk, dim=1, largest=False, sorted=False)
+        vals[qs], rows[qs], tau[qs] = v, c.gather(1, j), v.amax(1)
     return vals, rows
 
 
@@ -211,31 +271,44 @@ def search_topk(
     device: torch.device,
     tile_elems: int = TOPK_TILE_ELEMS,
     margins: tuple[int, ...] = MARGINS,
+    precision: str | Precision = "auto",
+    stats: Counter[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k: (D float64 (nq, k), ids int64 (nq, k)), D as 'smaller is nearer'.
-    Queries the first scan cannot prove exact are scanned again keeping more rows, and those
-    still unproven by the float64 scan."""
+    Queries the first scan cannot prove exact are scanned again: after bf16 in fp32, after fp32
+    keeping more rows, and those still unproven by the float64 scan."""
     nq = xq.shape[0]
     if not margins:
+        _count(stats, "float64", len(xq), len(xq))
         return _scan64(xq.cpu(), src, metric, k)
+    hints = getattr(src, "hints", None)
+    prec = resolve(precision, device, k, hints)
+    fp32 = choose(device, "fp32")
     kk = min(src.n, k + margins[0])
-    bs_q, bs_b = _block_sizes(nq, tile_elems, 8192)
+    bs_q, bs_b = _block_sizes(nq, tile_elems, 2048, TOPK_SLABS)
     out_d = torch.empty(nq, k, dtype=torch.float64)
     out_i = torch.empty(nq, k, dtype=torch.int64)
     for i0 in range(0, nq, bs_q):
         x = xq[i0 : i0 + bs_q]
         xs = prepare(x.to(device), metric, center)
         radius2 = torch.zeros((), device=device)
-        vals, rows = _scan_topk(xs, src, center, metric, kk, bs_b, radius2)
+        vals, rows = _scan_topk(xs, src, center, metric, kk, bs_b, radius2, prec)
         vals, order = vals.sort(1)
         vals, rows = vals.double().cpu(), rows.gather(1, order).cpu()
-        thr = vals[:, k - 1] + 2 * _error_bound(xs, radius2, metric)
+        thr = vals[:, k - 1] + 2 * error_bound(xs, radius2, metric, prec)
         ok = (vals[:, -1] > thr) | (kk >= src.n)
+        _count(stats, f"{prec.name} k+{kk - k}", len(ok), int(ok.sum()))
+        record(hints, prec, k, float(ok.float().mean()))
         d_blk, i_blk = _rerank(x[ok].cpu(), rows[ok], vals[ok].isinf(), src, metric, k)
         out_d[i0 : i0 + bs_q][ok], out_i[i0 : i0 + bs_q][ok] = d_blk, i_blk
         if not bool(ok.all()):
-            rest = search_topk(x[~ok], src, center, metric, k, device, tile_elems, margins[1:])
+            redo = (fp32, margins) if prec.u_in > fp32.u_in else (prec, margins[1:])
+            rest = search_topk(
+                x[~ok], src, center, metric, k, device, tile_elems, redo[1], redo[0], stats
+            )
             out_d[i0 : i0 + bs_q][~ok], out_i[i0 : i0 + bs_q][~ok] = rest
+            if float(ok.float().mean()) < WORTH_IT:
+                prec = fp32
     return out_d, out_i
 
 
@@ -246,33 +319,47 @@ def search_nearest(
     metric: Metric,
     device: torch.device,
     tile_elems: int = TILE_ELEMS,
+    precision: str | Precision = "auto",
+    stats: Counter[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k = 1 without a top-K: (D float64 (nq,), ids int64 (nq,))."""
     nq = xq.shape[0]
-    bs_q, bs_b = _block_sizes(nq, tile_elems, 1024)
+    hints = getattr(src, "hints", None)
+    prec = resolve(precision, device, 1, hints)
+    fp32 = choose(device, "fp32")
+    bs_q, bs_b = _block_sizes(nq, tile_elems, 1024, SLABS)
     out_d = torch.empty(nq, dtype=torch.float64)
     out_i = torch.empty(nq, dtype=torch.int64)
     for i0 in range(0, nq, bs_q):
         x = xq[i0 : i0 + bs_q]
         xs = prepare(x.to(device), metric, center)
+        ng = -(-bs_b // SLABS)
+        gbuf = torch.empty(xs.shape[0], max(ng, bs_b // 2), device=device, dtype=prec.dtype)
         best = torch.full((xs.shape[0],), math.inf, device=device)
         second = best.clone()
         arg = torch.zeros(xs.shape[0], dtype=torch.int64, device=device)
         radius2 = torch.zeros((), device=device)
-        for r0, tile in _tiles(xs, src, center, metric, bs_b, radius2):
-            m, a = tile.min(1)
-            m2 = tile.scatter_(1, a.unsqueeze(1), math.inf).amin(1)  # the tile's second best
-            better = m < best
-            second = torch.where(better, torch.minimum(best, m2), torch.minimum(second, m))
-            best, arg = torch.where(better, m, best), torch.where(better, a + r0, arg)
+        for r0, tile in _tiles(xs, src, center, metric, bs_b, radius2, prec):
+            ngt = min(ng, -(-tile.shape[1] // SLABS))
+            _update_best2(tile, ngt, gbuf, r0, best, second, arg)
         # Provably the unique nearest when every other row scores beyond best + 2E.
-        e2 = 2 * _error_bound(xs, radius2, metric)
+        e2 = 2 * error_bound(xs, radius2, metric, prec)
         ok = second.double().cpu() > best.double().cpu() + e2
+        _count(stats, f"{prec.name} k=1", len(ok), int(ok.sum()))
+        record(hints, prec, 1, float(ok.float().mean()))
         rows = arg.cpu().unsqueeze(1)
         no_dead = torch.zeros_like(rows[ok], dtype=torch.bool)
         d_blk, i_blk = _rerank(x[ok].cpu(), rows[ok], no_dead, src, metric, 1)
         out_d[i0 : i0 + bs_q][ok], out_i[i0 : i0 + bs_q][ok] = d_blk[:, 0], i_blk[:, 0]
         if not bool(ok.all()):
-            d_blk, i_blk = search_topk(x[~ok], src, center, metric, 1, device, 4 * tile_elems)
-            out_d[i0 : i0 + bs_q][~ok], out_i[i0 : i0 + bs_q][~ok] = d_blk[:, 0], i_blk[:, 0]
+            if prec.u_in > fp32.u_in:
+                rest = search_nearest(x[~ok], src, center, metric, device, tile_elems, fp32, stats)
+            else:
+                d_blk, i_blk = search_topk(
+                    x[~ok], src, center, metric, 1, device, 4 * tile_elems, MARGINS, prec, stats
+                )
+                rest = d_blk[:, 0], i_blk[:, 0]
+            out_d[i0 : i0 + bs_q][~ok], out_i[i0 : i0 + bs_q][~ok] = rest
+            if float(ok.float().mean()) < WORTH_IT:
+                prec = fp32
     return out_d, out_i

@@ -55,19 +55,18 @@ class MatrixRows:
         return rows
 
 
-def bank_center(src: RowSource, metric: Metric, bs: int = 65536) -> torch.Tensor | None:
-    """The point the l2 scan centres both sides on (the mean of the live rows), else None.
-    Any centre keeps the search exact; the mean makes the error bound smallest. Banks cache it."""
-    if metric != "l2":
+def bank_center(src: RowSource, metric: Metric, sample: int = 1 << 16) -> torch.Tensor | None:
+    """The point the l2 scan centres both sides on, else None. Banks cache it.
+
+    Any centre keeps the search exact; one near the mean makes the error bound smallest, so the
+    mean of an evenly spaced sample of rows does. Where that mean is small against the spread,
+    centring would gain little and cost a pass over every bank block the scan prepares."""
+    if metric != "l2" or src.n == 0:
         return None
-    total = torch.zeros(src.d, dtype=torch.float64)
-    count = 0
-    for _, y, dead in src.blocks(bs):
-        if dead is not None:
-            y = y[~dead]
-        total += y.sum(0, dtype=torch.float64)
-        count += y.shape[0]
-    return (total / max(count, 1)).to(torch.float32)
+    y = src.take(torch.arange(0, src.n, -(-src.n // sample))).double()
+    mean = y.mean(0)
+    spread2 = float(((y - mean) ** 2).sum(1).mean())
+    return mean.to(torch.float32) if float(mean @ mean) > 0.01 * spread2 else None
 
 
 def prepare(y: torch.Tensor, metric: Metric, center: torch.Tensor | None) -> torch.Tensor:
@@ -86,17 +85,38 @@ PREPARED_CACHE_BYTES = 256 << 20
 
 
 def prepared_blocks(
-    src: RowSource, bs: int, metric: Metric, center: torch.Tensor | None, device: torch.device
+    src: RowSource,
+    bs: int,
+    metric: Metric,
+    center: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """(r0, prepared rows (nbk, d), their squared norms (nbk,), dead (nbk,) or None)."""
+    """(r0, prepared rows (nbk, d) in dtype, their float32 squared norms (nbk,), dead (nbk,)
+    or None). The rows are rounded to dtype from the float32 prepared rows. Each block is valid
+    until the next is yielded: uncached blocks are prepared in reused buffers, because a fresh
+    multi-MiB tensor per block costs more in page faults than the arithmetic."""
     cached = getattr(src, "prepared", None)
-    full = cached(metric, center, device) if cached is not None else None
+    full = cached(metric, center, device, dtype) if cached is not None else None
     if full is not None:
         yp_all, yn_all, dead_all = full
         for r0 in range(0, src.n, bs):
             dead = None if dead_all is None else dead_all[r0 : r0 + bs]
             yield r0, yp_all[r0 : r0 + bs], yn_all[r0 : r0 + bs], dead
         return
+    bs = min(bs, src.n)
+    ybuf = torch.empty(bs, src.d, device=device)
+    ynbuf = torch.empty(bs, device=device)
+    lowbuf = torch.empty(bs, src.d, device=device, dtype=dtype) if dtype != ybuf.dtype else None
     for r0, y, dead in src.blocks(bs):
-        yp = prepare(y.to(device), metric, center)
-        yield r0, yp, (yp * yp).sum(1), None if dead is None else dead.to(device)
+        nbk = y.shape[0]
+        y = y.to(device)
+        if metric == "cosine":
+            yp = ybuf[:nbk].copy_(normalize(y, "vectors"))
+        elif center is not None:
+            yp = torch.sub(y, center.to(device), out=ybuf[:nbk])
+        else:
+            yp = y
+        yn = torch.linalg.vector_norm(yp, dim=1, out=ynbuf[:nbk]).square_()
+        low = yp if lowbuf is None else lowbuf[:nbk].copy_(yp)
+        yield r0, low, yn, None if dead is None else dead.to(device)

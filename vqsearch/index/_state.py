@@ -34,7 +34,8 @@ class State:
     dead: np.ndarray  # (n_rows,) bool
     generation: int
     _centers: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    _prepared: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _prepared: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    hints: dict[str, list[float]] = field(default_factory=dict)  # see _precision.resolve
 
     @functools.cached_property
     def offsets(self) -> np.ndarray:
@@ -100,18 +101,23 @@ class State:
         return self._centers[metric]
 
     def prepared(
-        self, metric: Metric, center: torch.Tensor | None, device: torch.device
+        self,
+        metric: Metric,
+        center: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """The whole bank prepared for the scan, cached, when it fits PREPARED_CACHE_BYTES."""
-        if self.n * (self.d + 1) * 4 > PREPARED_CACHE_BYTES or self.n == 0:
+        """The whole bank prepared for the scan (rows in dtype, float32 squared norms, dead
+        mask), cached per dtype, when it fits PREPARED_CACHE_BYTES."""
+        if self.n * (self.d * dtype.itemsize + 4) > PREPARED_CACHE_BYTES or self.n == 0:
             return None
-        key = (metric, str(device))
+        key = (metric, str(device), str(dtype))
         if key not in self._prepared:
             yp = torch.cat(
                 [prepare(y.to(device), metric, center) for _, y, _ in self.blocks(1 << 16)]
             )
             dead = torch.from_numpy(self.dead).to(device) if self.dead.any() else None
-            self._prepared[key] = (yp, (yp * yp).sum(1), dead)
+            self._prepared[key] = (yp.to(dtype), (yp * yp).sum(1), dead)
         return self._prepared[key]
 
     def version(self) -> str:

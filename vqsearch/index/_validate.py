@@ -71,11 +71,12 @@ def check_k(k: Any, nb: int) -> int:
 
 def normalize(x: torch.Tensor, name: str) -> torch.Tensor:
     """Rows scaled to unit L2 norm; a zero row is an error (its cosine is undefined)."""
-    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    # float64 norms: a float32 |x|^2 overflows for components beyond ~1e19 (then x / inf = 0).
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
     if bool((norms == 0).any()):
         bad = int((norms[:, 0] == 0).nonzero()[0, 0])
         raise ZeroVectorError(f"{name} row {bad} is a zero vector; cosine is undefined for it")
-    return x / norms
+    return (x / norms).to(x.dtype)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
