@@ -11,6 +11,7 @@ import torch
 from tests.conftest import brute_force, datasets
 from vqsearch.index import Bank, _exact, _precision, knn
 from vqsearch.index._rows import MatrixRows, bank_center, prepare
+from vqsearch.index._workspace import Workspace
 
 METRICS = ["l2", "ip", "cosine"]
 CPU = torch.device("cpu")
@@ -53,7 +54,7 @@ def test_scan_scores_stay_within_the_error_bound(rng, precision, metric):
         radius2 = torch.zeros(())
         tiles = [
             t.double().clone()
-            for _, t in _exact._tiles(xs, src, center, metric, 512, radius2, prec)
+            for _, t in _exact._tiles(xs, src, center, metric, 512, radius2, prec, Workspace())
         ]
         scores = torch.cat(tiles, 1)
         yp = prepare(torch.from_numpy(xb), metric, center).double()

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import brute_force
 from tests.service.conftest import CODEBOOK, app_client, npy
+from vqsearch.index import Bank
 
 NPY, NPZ = "application/x-npy", "application/x-npz"
 
@@ -372,3 +373,24 @@ async def test_read_only_replica_follows_the_primarys_writes(api, settings):
 async def _count(client: httpx.AsyncClient, name: str, n: int) -> bool:
     r = await client.get(f"/v1/banks/{name}")
     return r.status_code == 200 and r.json()["count"] == n
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+async def test_exact_precision_setting_reaches_the_engine(settings, rng, precision, monkeypatch):
+    """VQSEARCH_EXACT_PRECISION picks the engine's candidate scan; the codes stay exact."""
+    seen: list[str] = []
+    real = Bank.search
+
+    def spy(self, xq, k, device="auto", precision="auto"):
+        seen.append(precision)
+        return real(self, xq, k, device, precision)
+
+    monkeypatch.setattr(Bank, "search", spy)
+    async with app_client(settings.model_copy(update={"exact_precision": precision})) as api:
+        await api.put("/v1/banks/cb", json={"vectors": CODEBOOK.tolist()})
+        z = rng.standard_normal((50, 16)).astype(np.float32)
+        r = await api.post("/v1/banks/cb/nearest", content=npy(z), headers={"content-type": NPY})
+    assert seen == [precision]
+    np.testing.assert_array_equal(
+        np.load(io.BytesIO(r.content)), brute_force(z, CODEBOOK, 1, "l2")[1][:, 0]
+    )

@@ -28,7 +28,9 @@ def engine_calls(monkeypatch) -> list[int]:
     monkeypatch.setattr(
         Bank,
         "search",
-        lambda self, xq, k, device="auto": calls.append(len(xq)) or real(self, xq, k, device),
+        lambda self, xq, k, device="auto", precision="auto": (
+            calls.append(len(xq)) or real(self, xq, k, device, precision)
+        ),
     )
     return calls
 

@@ -34,18 +34,20 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from ._precision import WORTH_IT, Precision, choose, error_bound, record, resolve
 from ._rows import RowSource, prepare, prepared_blocks
 from ._validate import Metric
+from ._workspace import Workspace, borrow
 
 TILE_ELEMS = 1 << 21  # k = 1: 2048 queries x 1024 rows, measured fastest here
 TOPK_TILE_ELEMS = 1 << 21  # top-k: 1024 queries x 2048 rows; larger tiles leave the cache
 SLABS = 8  # k = 1: groups of 8 strided columns
 TOPK_SLABS = 32
-RERANK_ELEMS = 1 << 21
+RERANK_ELEMS = 1 << 16  # float64: 512 KiB chunks, under the service's 1 MiB mmap threshold
 MARGINS = (2, 32)  # kept beyond k by the first scan, then by a retry for unproven queries
 
 
@@ -57,14 +59,16 @@ def _tiles(
     bs_b: int,
     radius2: torch.Tensor,
     prec: Precision,
+    ws: Workspace,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(r0, score tile (bq, nbk) in prec.dtype) over the bank, smaller is nearer, dead rows at
     +inf; each tile is valid until the next is yielded (they share a buffer). Updates radius2
     (0-d float32) in place to the largest squared norm of a prepared row."""
     # One buffer for every tile of the scan: fresh 8-32 MiB tiles would each be page-faulted in.
-    buf = torch.empty(xs.shape[0] * bs_b, device=xs.device, dtype=prec.dtype)
-    xg = xs.to(prec.dtype)
-    for r0, yp, yn, dead in prepared_blocks(src, bs_b, metric, center, xs.device, prec.dtype):
+    buf = ws.get("tile", (xs.shape[0] * bs_b,), prec.dtype, xs.device)
+    xg = xs if prec.dtype == xs.dtype else ws.get("xs low", xs.shape, prec.dtype).copy_(xs)
+    blocks = prepared_blocks(src, bs_b, metric, center, xs.device, prec.dtype, ws)
+    for r0, yp, yn, dead in blocks:
         if yn.numel():
             torch.maximum(radius2, yn.max(), out=radius2)
         tile = buf[: xs.shape[0] * yp.shape[0]].view(xs.shape[0], yp.shape[0])
@@ -235,6 +239,7 @@ def _scan_topk(
     bs_b: int,
     radius2: torch.Tensor,
     prec: Precision,
+    ws: Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top-kk (float32 scores, rows) of one query block; rows are global row numbers.
 
@@ -242,11 +247,11 @@ def _scan_topk(
     minima beats their kk-th best so far. Only the others ("hot") open groups and merge."""
     bq = xs.shape[0]
     ng = -(-bs_b // TOPK_SLABS)
-    gbuf = torch.empty(bq, max(ng, bs_b // 2), device=xs.device, dtype=prec.dtype)
+    gbuf = ws.get("groups", (bq, max(ng, bs_b // 2)), prec.dtype, xs.device)
     vals = torch.full((bq, kk), math.inf, device=xs.device)
     rows = torch.zeros(bq, kk, dtype=torch.int64, device=xs.device)
     tau = torch.full((bq,), math.inf, device=xs.device)  # the kk-th best so far
-    for r0, tile in _tiles(xs, src, center, metric, bs_b, radius2, prec):
+    for r0, tile in _tiles(xs, src, center, metric, bs_b, radius2, prec, ws):
         ngt = min(ng, -(-tile.shape[1] // TOPK_SLABS))
         gm = _group_min(tile, ngt, gbuf)
         beats = (gm < tau.unsqueeze(1).to(gm.dtype)).sum(1)
@@ -262,7 +267,7 @@ def _scan_topk(
     return vals, rows
 
 
-def search_topk(
+def _search_topk(
     xq: torch.Tensor,
     src: RowSource,
     center: torch.Tensor | None,
@@ -273,10 +278,12 @@ def search_topk(
     margins: tuple[int, ...] = MARGINS,
     precision: str | Precision = "auto",
     stats: Counter[str] | None = None,
+    ws: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k: (D float64 (nq, k), ids int64 (nq, k)), D as 'smaller is nearer'.
     Queries the first scan cannot prove exact are scanned again: after bf16 in fp32, after fp32
     keeping more rows, and those still unproven by the float64 scan."""
+    ws = ws or Workspace()
     nq = xq.shape[0]
     if not margins:
         _count(stats, "float64", len(xq), len(xq))
@@ -290,9 +297,9 @@ def search_topk(
     out_i = torch.empty(nq, k, dtype=torch.int64)
     for i0 in range(0, nq, bs_q):
         x = xq[i0 : i0 + bs_q]
-        xs = prepare(x.to(device), metric, center)
+        xs = prepare(x.to(device), metric, center, ws.get("xs", x.shape, device=device))
         radius2 = torch.zeros((), device=device)
-        vals, rows = _scan_topk(xs, src, center, metric, kk, bs_b, radius2, prec)
+        vals, rows = _scan_topk(xs, src, center, metric, kk, bs_b, radius2, prec, ws)
         vals, order = vals.sort(1)
         vals, rows = vals.double().cpu(), rows.gather(1, order).cpu()
         thr = vals[:, k - 1] + 2 * error_bound(xs, radius2, metric, prec)
@@ -312,7 +319,7 @@ def search_topk(
     return out_d, out_i
 
 
-def search_nearest(
+def _search_nearest(
     xq: torch.Tensor,
     src: RowSource,
     center: torch.Tensor | None,
@@ -321,8 +328,10 @@ def search_nearest(
     tile_elems: int = TILE_ELEMS,
     precision: str | Precision = "auto",
     stats: Counter[str] | None = None,
+    ws: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k = 1 without a top-K: (D float64 (nq,), ids int64 (nq,))."""
+    ws = ws or Workspace()
     nq = xq.shape[0]
     hints = getattr(src, "hints", None)
     prec = resolve(precision, device, 1, hints)
@@ -332,14 +341,14 @@ def search_nearest(
     out_i = torch.empty(nq, dtype=torch.int64)
     for i0 in range(0, nq, bs_q):
         x = xq[i0 : i0 + bs_q]
-        xs = prepare(x.to(device), metric, center)
+        xs = prepare(x.to(device), metric, center, ws.get("xs", x.shape, device=device))
         ng = -(-bs_b // SLABS)
-        gbuf = torch.empty(xs.shape[0], max(ng, bs_b // 2), device=device, dtype=prec.dtype)
+        gbuf = ws.get("groups", (xs.shape[0], max(ng, bs_b // 2)), prec.dtype, device)
         best = torch.full((xs.shape[0],), math.inf, device=device)
         second = best.clone()
         arg = torch.zeros(xs.shape[0], dtype=torch.int64, device=device)
         radius2 = torch.zeros((), device=device)
-        for r0, tile in _tiles(xs, src, center, metric, bs_b, radius2, prec):
+        for r0, tile in _tiles(xs, src, center, metric, bs_b, radius2, prec, ws):
             ngt = min(ng, -(-tile.shape[1] // SLABS))
             _update_best2(tile, ngt, gbuf, r0, best, second, arg)
         # Provably the unique nearest when every other row scores beyond best + 2E.
@@ -363,3 +372,15 @@ def search_nearest(
             if float(ok.float().mean()) < WORTH_IT:
                 prec = fp32
     return out_d, out_i
+
+
+def search_topk(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_search_topk` with a borrowed workspace (see `_workspace`)."""
+    with borrow() as ws:
+        return _search_topk(*args, **{**kwargs, "ws": ws})
+
+
+def search_nearest(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_search_nearest` with a borrowed workspace (see `_workspace`)."""
+    with borrow() as ws:
+        return _search_nearest(*args, **{**kwargs, "ws": ws})

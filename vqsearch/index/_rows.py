@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from ._validate import Metric, normalize
+from ._workspace import Workspace
 
 
 class RowSource(Protocol):
@@ -69,12 +70,14 @@ def bank_center(src: RowSource, metric: Metric, sample: int = 1 << 16) -> torch.
     return mean.to(torch.float32) if float(mean @ mean) > 0.01 * spread2 else None
 
 
-def prepare(y: torch.Tensor, metric: Metric, center: torch.Tensor | None) -> torch.Tensor:
+def prepare(
+    y: torch.Tensor, metric: Metric, center: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bank or query block as the float32 scan sees it: centred (l2) or unit-norm (cosine)."""
     if metric == "cosine":
         return normalize(y, "vectors")
     if center is not None:
-        return y - center.to(y.device)
+        return torch.sub(y, center.to(y.device), out=out)
     return y
 
 
@@ -91,11 +94,13 @@ def prepared_blocks(
     center: torch.Tensor | None,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    ws: Workspace | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """(r0, prepared rows (nbk, d) in dtype, their float32 squared norms (nbk,), dead (nbk,)
     or None). The rows are rounded to dtype from the float32 prepared rows. Each block is valid
     until the next is yielded: uncached blocks are prepared in reused buffers, because a fresh
     multi-MiB tensor per block costs more in page faults than the arithmetic."""
+    ws = ws or Workspace()
     cached = getattr(src, "prepared", None)
     full = cached(metric, center, device, dtype) if cached is not None else None
     if full is not None:
@@ -105,9 +110,9 @@ def prepared_blocks(
             yield r0, yp_all[r0 : r0 + bs], yn_all[r0 : r0 + bs], dead
         return
     bs = min(bs, src.n)
-    ybuf = torch.empty(bs, src.d, device=device)
-    ynbuf = torch.empty(bs, device=device)
-    lowbuf = torch.empty(bs, src.d, device=device, dtype=dtype) if dtype != ybuf.dtype else None
+    ybuf = ws.get("rows", (bs, src.d), device=device)
+    ynbuf = ws.get("norms", (bs,), device=device)
+    lowbuf = ws.get("rows low", (bs, src.d), dtype, device) if dtype != ybuf.dtype else None
     for r0, y, dead in src.blocks(bs):
         nbk = y.shape[0]
         y = y.to(device)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -113,6 +114,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.port,
             )
         app.state.settings, app.state.registry = settings, registry
+        if torch.cuda.is_available():
+            # bf16 GEMMs with bf16 split-K partial sums break the bound that keeps a bf16
+            # candidate scan exact (vqsearch/index/_precision.py); this process is ours.
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         registry.load()
         if settings.demo and not registry.entries and not settings.read_only:
             registry.create(DEMO_NAME, DEMO_SHAPE[1], "l2", demo_codebook(), None)

@@ -47,9 +47,11 @@ def resolve(entry: Entry, p: Any, measure: str, nq: int) -> dict[str, Any]:
     }
 
 
-def execute(entry: Entry, xq: np.ndarray, setting: dict[str, Any], k: int, device: str) -> Result:
+def execute(
+    entry: Entry, xq: np.ndarray, setting: dict[str, Any], k: int, device: str, precision: str
+) -> Result:
     if setting["spec"] == "exact":
-        return entry.bank.search(xq, k, device=device)
+        return entry.bank.search(xq, k, device=device, precision=precision)
     index = entry.index
     if index is None or index.spec != setting["spec"]:
         raise HTTPException(409, f"the approximate index of {entry.name!r} changed; retry")
@@ -130,7 +132,9 @@ async def run_query(
     if entry.reservoir is not None:
         entry.reservoir.offer(x)
     setting = resolve(entry, p, measure, len(x))
-    device = app_state.settings.device
+    device, precision = app_state.settings.device, app_state.settings.exact_precision
     key = (id(entry), setting["spec"], setting.get("nprobe"), setting.get("k_factor"), k)
-    D, I = await app_state.batcher.run(key, x, lambda xs: execute(entry, xs, setting, k, device))
+    D, I = await app_state.batcher.run(
+        key, x, lambda xs: execute(entry, xs, setting, k, device, precision)
+    )
     return D, I, setting
