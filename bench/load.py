@@ -25,8 +25,10 @@ from vqsearch.client import AsyncClient, VQSearchClientError
 D, NB = 64, 16384
 
 
-def serve(data: str, port: int, **env: str) -> subprocess.Popen[bytes]:
-    """`vqsearch serve` on 127.0.0.1:port over the data dir, once it answers /readyz."""
+def serve(
+    data: str, port: int, args: list[str] | None = None, **env: str
+) -> subprocess.Popen[bytes]:
+    """`vqsearch serve [args]` on 127.0.0.1:port over the data dir, once it answers /readyz."""
     full = {
         **os.environ,
         "VQSEARCH_DATA_DIR": data,
@@ -34,7 +36,7 @@ def serve(data: str, port: int, **env: str) -> subprocess.Popen[bytes]:
         "VQSEARCH_LOG_LEVEL": "warning",
         **env,
     }
-    proc = subprocess.Popen([sys.executable, "-m", "vqsearch", "serve"], env=full)
+    proc = subprocess.Popen([sys.executable, "-m", "vqsearch", "serve", *(args or [])], env=full)
     for _ in range(600):
         try:
             httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).raise_for_status()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         # workers would overwrite each other's manifests. Several workers serve reads only.
         parser.error("--workers > 1 needs VQSEARCH_READ_ONLY=1 (writes go to one primary)")
     if args.workers > 1:
+        # Each worker runs its own torch thread pool; without this N workers start N x cores
+        # threads that fight over the cores. Spawned workers inherit the environment.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
         uvicorn.run(
             "vqsearch.service._factory:app",
             host=host,
