@@ -145,6 +145,9 @@ def _rerank(
         dist = exact64(xq[i0 : i0 + qc], src.take(r), metric).masked_fill_(
             dead[i0 : i0 + qc], math.inf
         )
+        if kk == 1:  # the proven nearest: nothing to order
+            out_d[i0 : i0 + qc], out_i[i0 : i0 + qc] = dist, src.ids(r)
+            continue
         out_d[i0 : i0 + qc], out_i[i0 : i0 + qc], _ = lex_topk(dist, src.ids(r), k)
     return out_d, out_i
 
@@ -295,6 +298,8 @@ def _search_topk(
     bs_q, bs_b = _block_sizes(nq, tile_elems, 2048, TOPK_SLABS)
     out_d = torch.empty(nq, k, dtype=torch.float64)
     out_i = torch.empty(nq, k, dtype=torch.int64)
+    in_fp32: list[torch.Tensor] = []  # unproven by a bf16 scan: scanned again in fp32
+    wider: list[torch.Tensor] = []  # unproven by fp32: scanned again keeping more rows
     for i0 in range(0, nq, bs_q):
         x = xq[i0 : i0 + bs_q]
         xs = prepare(x.to(device), metric, center, ws.get("xs", x.shape, device=device))
@@ -309,13 +314,16 @@ def _search_topk(
         d_blk, i_blk = _rerank(x[ok].cpu(), rows[ok], vals[ok].isinf(), src, metric, k)
         out_d[i0 : i0 + bs_q][ok], out_i[i0 : i0 + bs_q][ok] = d_blk, i_blk
         if not bool(ok.all()):
-            redo = (fp32, margins) if prec.u_in > fp32.u_in else (prec, margins[1:])
-            rest = search_topk(
-                x[~ok], src, center, metric, k, device, tile_elems, redo[1], redo[0], stats
-            )
-            out_d[i0 : i0 + bs_q][~ok], out_i[i0 : i0 + bs_q][~ok] = rest
+            (in_fp32 if prec.u_in > fp32.u_in else wider).append((~ok).nonzero()[:, 0] + i0)
             if float(ok.float().mean()) < WORTH_IT:
                 prec = fp32
+    # The unproven of all blocks together: one more scan, not one per block.
+    for redo, (p, m) in ((in_fp32, (fp32, margins)), (wider, (prec, margins[1:]))):
+        if redo:
+            idx = torch.cat(redo)
+            out_d[idx], out_i[idx] = search_topk(
+                xq[idx], src, center, metric, k, device, tile_elems, m, p, stats
+            )
     return out_d, out_i
 
 
@@ -339,6 +347,8 @@ def _search_nearest(
     bs_q, bs_b = _block_sizes(nq, tile_elems, 1024, SLABS)
     out_d = torch.empty(nq, dtype=torch.float64)
     out_i = torch.empty(nq, dtype=torch.int64)
+    in_fp32: list[torch.Tensor] = []  # unproven by a bf16 scan: scanned again in fp32
+    by_topk: list[torch.Tensor] = []  # unproven by fp32 (near-ties): the top-K path
     for i0 in range(0, nq, bs_q):
         x = xq[i0 : i0 + bs_q]
         xs = prepare(x.to(device), metric, center, ws.get("xs", x.shape, device=device))
@@ -361,16 +371,21 @@ def _search_nearest(
         d_blk, i_blk = _rerank(x[ok].cpu(), rows[ok], no_dead, src, metric, 1)
         out_d[i0 : i0 + bs_q][ok], out_i[i0 : i0 + bs_q][ok] = d_blk[:, 0], i_blk[:, 0]
         if not bool(ok.all()):
-            if prec.u_in > fp32.u_in:
-                rest = search_nearest(x[~ok], src, center, metric, device, tile_elems, fp32, stats)
-            else:
-                d_blk, i_blk = search_topk(
-                    x[~ok], src, center, metric, 1, device, 4 * tile_elems, MARGINS, prec, stats
-                )
-                rest = d_blk[:, 0], i_blk[:, 0]
-            out_d[i0 : i0 + bs_q][~ok], out_i[i0 : i0 + bs_q][~ok] = rest
+            (in_fp32 if prec.u_in > fp32.u_in else by_topk).append((~ok).nonzero()[:, 0] + i0)
             if float(ok.float().mean()) < WORTH_IT:
                 prec = fp32
+    # The unproven of all blocks together: one more scan, not one per block.
+    if in_fp32:
+        idx = torch.cat(in_fp32)
+        out_d[idx], out_i[idx] = search_nearest(
+            xq[idx], src, center, metric, device, tile_elems, fp32, stats
+        )
+    if by_topk:
+        idx = torch.cat(by_topk)
+        d_k, i_k = search_topk(
+            xq[idx], src, center, metric, 1, device, TOPK_TILE_ELEMS, MARGINS, fp32, stats
+        )
+        out_d[idx], out_i[idx] = d_k[:, 0], i_k[:, 0]
     return out_d, out_i
 
 

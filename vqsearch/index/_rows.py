@@ -56,7 +56,7 @@ class MatrixRows:
         return rows
 
 
-def bank_center(src: RowSource, metric: Metric, sample: int = 1 << 16) -> torch.Tensor | None:
+def bank_center(src: RowSource, metric: Metric, sample: int = 2048) -> torch.Tensor | None:
     """The point the l2 scan centres both sides on, else None. Banks cache it.
 
     Any centre keeps the search exact; one near the mean makes the error bound smallest, so the
