@@ -182,10 +182,17 @@ def _count(stats: Counter[str] | None, scan: str, scanned: int, proven: int) -> 
         stats[f"{scan} proven"] += proven
 
 
-def _block_sizes(nq: int, tile_elems: int, bs_b: int, slabs: int) -> tuple[int, int]:
+def _block_sizes(
+    nq: int, src: RowSource, tile_elems: int, bs_b: int, slabs: int
+) -> tuple[int, int]:
     """(bs_q, bs_b): bank blocks of the preferred size (a multiple of the slab count), as many
-    queries as fit in the tile."""
+    queries as fit in the tile. Few queries get wider bank blocks: a tile costs some twenty
+    small ops whatever its size (a one-vector request: one tile, not sixteen), as long as a
+    block of bank rows stays under tile_elems elements (it is prepared in scratch)."""
     bs_b = max(slabs, min(bs_b, tile_elems // 16) // slabs * slabs)
+    if nq * bs_b < tile_elems:
+        wide = min(tile_elems // max(nq, 1), src.n, tile_elems // src.d)
+        bs_b = max(bs_b, -(-wide // slabs) * slabs)
     return max(1, min(nq, tile_elems // bs_b)), bs_b
 
 
@@ -295,7 +302,7 @@ def _search_topk(
     prec = resolve(precision, device, k, hints)
     fp32 = choose(device, "fp32")
     kk = min(src.n, k + margins[0])
-    bs_q, bs_b = _block_sizes(nq, tile_elems, 2048, TOPK_SLABS)
+    bs_q, bs_b = _block_sizes(nq, src, tile_elems, 2048, TOPK_SLABS)
     out_d = torch.empty(nq, k, dtype=torch.float64)
     out_i = torch.empty(nq, k, dtype=torch.int64)
     in_fp32: list[torch.Tensor] = []  # unproven by a bf16 scan: scanned again in fp32
@@ -344,7 +351,7 @@ def _search_nearest(
     hints = getattr(src, "hints", None)
     prec = resolve(precision, device, 1, hints)
     fp32 = choose(device, "fp32")
-    bs_q, bs_b = _block_sizes(nq, tile_elems, 1024, SLABS)
+    bs_q, bs_b = _block_sizes(nq, src, tile_elems, 1024, SLABS)
     out_d = torch.empty(nq, dtype=torch.float64)
     out_i = torch.empty(nq, dtype=torch.int64)
     in_fp32: list[torch.Tensor] = []  # unproven by a bf16 scan: scanned again in fp32
