@@ -133,18 +133,24 @@ def lex_topk(
 
 
 def _rerank(
-    xq: torch.Tensor, rows: torch.Tensor, dead: torch.Tensor, src: RowSource, metric: Metric, k: int
+    xq: torch.Tensor,
+    which: torch.Tensor,
+    rows: torch.Tensor,
+    dead: torch.Tensor,
+    src: RowSource,
+    metric: Metric,
+    k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (D float64, ids) of the k best among the given candidate rows (nq, K)."""
+    """Exact (D float64, ids) of the k best among the candidate rows (nq, K) of the queries
+    xq[which] (which: (nq,) positions, gathered chunk by chunk rather than copied whole)."""
     nq, kk = rows.shape
     out_d = torch.empty(nq, k, dtype=torch.float64)
     out_i = torch.empty(nq, k, dtype=torch.int64)
     qc = max(1, RERANK_ELEMS // max(1, kk * src.d))
     for i0 in range(0, nq, qc):
         r = rows[i0 : i0 + qc]
-        dist = exact64(xq[i0 : i0 + qc], src.take(r), metric).masked_fill_(
-            dead[i0 : i0 + qc], math.inf
-        )
+        x = xq[which[i0 : i0 + qc]].cpu()
+        dist = exact64(x, src.take(r), metric).masked_fill_(dead[i0 : i0 + qc], math.inf)
         if kk == 1:  # the proven nearest: nothing to order
             out_d[i0 : i0 + qc], out_i[i0 : i0 + qc] = dist, src.ids(r)
             continue
@@ -318,7 +324,7 @@ def _search_topk(
         ok = (vals[:, -1] > thr) | (kk >= src.n)
         _count(stats, f"{prec.name} k+{kk - k}", len(ok), int(ok.sum()))
         record(hints, prec, k, float(ok.float().mean()))
-        d_blk, i_blk = _rerank(x[ok].cpu(), rows[ok], vals[ok].isinf(), src, metric, k)
+        d_blk, i_blk = _rerank(x, ok.nonzero()[:, 0], rows[ok], vals[ok].isinf(), src, metric, k)
         out_d[i0 : i0 + bs_q][ok], out_i[i0 : i0 + bs_q][ok] = d_blk, i_blk
         if not bool(ok.all()):
             (in_fp32 if prec.u_in > fp32.u_in else wider).append((~ok).nonzero()[:, 0] + i0)
@@ -375,7 +381,7 @@ def _search_nearest(
         record(hints, prec, 1, float(ok.float().mean()))
         rows = arg.cpu().unsqueeze(1)
         no_dead = torch.zeros_like(rows[ok], dtype=torch.bool)
-        d_blk, i_blk = _rerank(x[ok].cpu(), rows[ok], no_dead, src, metric, 1)
+        d_blk, i_blk = _rerank(x, ok.nonzero()[:, 0], rows[ok], no_dead, src, metric, 1)
         out_d[i0 : i0 + bs_q][ok], out_i[i0 : i0 + bs_q][ok] = d_blk[:, 0], i_blk[:, 0]
         if not bool(ok.all()):
             (in_fp32 if prec.u_in > fp32.u_in else by_topk).append((~ok).nonzero()[:, 0] + i0)

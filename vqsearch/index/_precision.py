@@ -111,7 +111,9 @@ def error_bound(
     xs the prepared queries and radius2 the largest float32 squared norm of a prepared row."""
     d = xs.shape[1]
     c = 2.0 * ((d + 8) * U32 + 2 * prec.u_in + 2 * prec.u_out)
-    xn = torch.linalg.vector_norm(xs, dim=1, dtype=torch.float64).cpu()
+    # float32 norms (a float64 copy of the block would be 4 MiB per search), rounded up by
+    # their own error bound; an overflow gives inf, and the float64 scan.
+    xn = torch.linalg.vector_norm(xs, dim=1).double().cpu() * (1 + (d + 4) * U32)
     radius = math.sqrt(float(radius2)) * (1 + 1e-5)  # the float32 norm's own rounding
     flushed = 4 * d * TINY * (1 + xn + radius)
     if metric == "l2":
