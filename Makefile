@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/tradeoff.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/workers.py
 
 # requirements.lock: the server's dependencies pinned, as the Docker image installs them
 lock:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import brute_force, datasets
-from vqsearch.index import Bank, _exact, _precision, knn
+from vqsearch.index import Bank, _exact, _precision, _workspace, knn
 from vqsearch.index._rows import MatrixRows, bank_center, prepare
 from vqsearch.index._workspace import Workspace
 
@@ -124,3 +124,22 @@ def test_cosine_of_huge_vectors_is_exact(rng):
         np.testing.assert_array_equal(
             knn(xq, xb, k, "cosine")[1], brute_force(xq, xb, k, "cosine")[1]
         )
+
+
+@pytest.mark.parametrize("nq", [1, 5000])
+@pytest.mark.parametrize("k", [1, 10])
+def test_search_scratch_stays_under_24_mib(rng, monkeypatch, nq, k):
+    """A search's scratch (its workspace) stays under the bound the _exact docstring states."""
+    used: list[int] = []
+    real = _exact._search_nearest if k == 1 else _exact._search_topk
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        used.append(kw["ws"].nbytes)
+        return out
+
+    monkeypatch.setattr(_exact, "_search_nearest" if k == 1 else "_search_topk", spy)
+    monkeypatch.setattr(_workspace, "_pool", [])  # fresh workspaces: nothing from other tests
+    xb = rng.standard_normal((40_000, 256)).astype(np.float32)
+    knn(xb[:nq] + 0.1, xb, k)
+    assert used and max(used) < 24 << 20

@@ -23,10 +23,13 @@ over the slabs (elementwise, G - 1 vector ops) gives the minimum of each strided
 second best (per tile: the best group, its best member, and the best score outside that member);
 a query whose best is not provably unique (second best within ``2 E_q``) goes through top-K.
 
-Scratch memory: the score tile is ``bs_q x bs_b`` in the scan dtype (``tile_elems`` elements:
-2**21, 4-8 MiB, for k = 1; 2**23, 16-32 MiB, for top-k), the group minima (1/G of it), the
-running ``bs_q x 2K`` state, and re-rank chunks of at most 2**21 float64 elements (16 MiB). It
-does not grow with nq x nb: under 64 MiB at the defaults, plus the prepared query block.
+Scratch memory, per search, in a workspace reused by the next search (`_workspace`): the score
+tile, ``bs_q x bs_b`` in the scan dtype (``tile_elems`` = 2**21 elements: 8 MiB fp32, 4 MiB
+bf16), the group minima (at most half a tile), the prepared query block (``bs_q x d`` float32,
+plus its bf16 copy) and, for banks without a cached prepared copy, one prepared bank block
+(at most ``tile_elems`` float32); re-rank chunks of at most 2**16 float64 elements (512 KiB).
+At the defaults with d = 256 that is under 24 MiB (tested); it does not grow with nq x nb.
+Two workspaces are kept between searches.
 """
 
 from __future__ import annotations
@@ -64,19 +67,28 @@ def _tiles(
     """(r0, score tile (bq, nbk) in prec.dtype) over the bank, smaller is nearer, dead rows at
     +inf; each tile is valid until the next is yielded (they share a buffer). Updates radius2
     (0-d float32) in place to the largest squared norm of a prepared row."""
+    bq, low = xs.shape[0], prec.dtype != xs.dtype
+    # A CPU bf16 GEMM goes through oneDNN, which keeps a compiled primitive (MiBs) per shape:
+    # padding the query count to a power of two lets varied batch sizes share a few shapes.
+    bqp = 1 << (bq - 1).bit_length() if low and bq < 1024 else bq
     # One buffer for every tile of the scan: fresh 8-32 MiB tiles would each be page-faulted in.
-    buf = ws.get("tile", (xs.shape[0] * bs_b,), prec.dtype, xs.device)
-    xg = xs if prec.dtype == xs.dtype else ws.get("xs low", xs.shape, prec.dtype).copy_(xs)
+    buf = ws.get("tile", (bqp * bs_b,), prec.dtype, xs.device)
+    xg = xs
+    if low:
+        xg = ws.get("xs low", (bqp, xs.shape[1]), prec.dtype, xs.device)
+        xg[:bq].copy_(xs)
+        xg[bq:].zero_()
     blocks = prepared_blocks(src, bs_b, metric, center, xs.device, prec.dtype, ws)
     for r0, yp, yn, dead in blocks:
         if yn.numel():
             torch.maximum(radius2, yn.max(), out=radius2)
-        tile = buf[: xs.shape[0] * yp.shape[0]].view(xs.shape[0], yp.shape[0])
+        full = buf[: bqp * yp.shape[0]].view(bqp, yp.shape[0])
         if metric == "l2":
             bias = yn.to(prec.dtype).unsqueeze(0)
-            torch.addmm(bias, xg, yp.T, beta=1.0, alpha=-2.0, out=tile)
+            torch.addmm(bias, xg, yp.T, beta=1.0, alpha=-2.0, out=full)
         else:
-            torch.mm(xg, yp.T, out=tile).neg_()
+            torch.mm(xg, yp.T, out=full).neg_()
+        tile = full[:bq]
         if dead is not None:
             tile.masked_fill_(dead.unsqueeze(0), math.inf)
         yield r0, tile

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-KEEP = 4  # workspaces kept between searches: each holds a search's scratch (under ~40 MiB)
+KEEP = 2  # workspaces kept between searches (each under 24 MiB)
 
 
 class Workspace:
@@ -23,6 +23,10 @@ class Workspace:
 
     def __init__(self) -> None:
         self._tensors: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
     def get(
         self,
