@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the settings, the registry, a bank by name (with `If-Match`)."""
+"""FastAPI dependencies: the settings, the registry, a bank by name (with `If-Match`).
+
+All `async def`: none blocks, and FastAPI runs a plain `def` dependency on a worker thread,
+a thread hop per dependency per request (measured: a third of a one-vector request's time)."""
 
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 VERSION_HEADER = "X-Vqsearch-Bank-Version"
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
@@ -29,7 +32,7 @@ BankName = Annotated[
 ]
 
 
-def get_entry(
+async def get_entry(
     name: BankName,
     registry: RegistryDep,
     if_match: Annotated[
@@ -60,7 +63,7 @@ def _matches(key: str, keys: list[str]) -> bool:
     return any(hits)
 
 
-def authorize(
+async def authorize(
     request: Request,
     settings: SettingsDep,
     authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,

@@ -135,7 +135,10 @@ async def nearest(
     _rows(int(np.prod(z.shape[:-1])) if z.ndim else 1, settings)
     flat, axis = _flatten(z, p.channel_axis)
     _, I, setting = await run_query(request.app.state, entry, flat, p, 1, "recall_1_at_1")
-    out = await run_in_threadpool(_finish_nearest, entry, z, flat, axis, I, p)
+    if p.return_quantized or p.return_error:  # gathers and float64 sums: off the event loop
+        out = await run_in_threadpool(_finish_nearest, entry, z, flat, axis, I, p)
+    else:
+        out = _finish_nearest(entry, z, flat, axis, I, p)
     _observe(request, entry, int(out["codes"].size), setting)
     if entry.usage is not None:
         entry.usage.record(out["codes"])
