@@ -137,7 +137,6 @@ def main() -> None:
     )
     bank = Bank(D)
     bank.add(codebook)
-    t_local = best(lambda: bank.search(xq, 1, device="cpu"), repeats=7)
     with tempfile.TemporaryDirectory() as data:
         proc = serve(
             data,
@@ -151,7 +150,11 @@ def main() -> None:
             url = "http://127.0.0.1:18600"
             with Client(url, timeout=300, chunk_size=1 << 20) as c:
                 c.create_bank("cb", codebook)
-                t_npy = best(lambda: c.search("cb", xq, k=1))
+                # alternated, best of 7 each: a noisy neighbour hurts both alike
+                t_local = t_npy = float("inf")
+                for _ in range(7):
+                    t_local = min(t_local, best(lambda: bank.search(xq, 1, device="cpu"), 1))
+                    t_npy = min(t_npy, best(lambda: c.search("cb", xq, k=1), 1))
             with Client(url, timeout=300, chunk_size=1 << 20, binary=False) as j:
                 t_json = best(lambda: j.search("cb", xq, k=1), repeats=2)
         finally:
