@@ -220,9 +220,17 @@ def _open_groups(
     """For the tile rows qs: (scores float32, columns) of every member of their o groups with
     the smallest minima gm (n, ng). The o smallest of a row are among them: its o best groups
     hold o distinct minima no larger than anything in the groups left out."""
-    w = tile.shape[1]
     _, gi = gm.topk(min(o, ng), dim=1, largest=False, sorted=False)
-    cols, absent = _members(gi, ng, w)
+    return _member_scores(tile, qs, gi, ng)
+
+
+def _member_scores(
+    tile: torch.Tensor, qs: torch.Tensor, groups: torch.Tensor, ng: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores float32 (n, m), columns (n, m)) of every member of the groups (n, ...) of the
+    tile rows qs (n,); columns past the tile score +inf."""
+    w = tile.shape[1]
+    cols, absent = _members(groups, ng, w)
     cols, absent = cols.reshape(len(qs), -1), absent.reshape(len(qs), -1)
     vals = torch.take(tile, qs.unsqueeze(1) * w + cols).float().masked_fill_(absent, math.inf)
     return vals, cols
@@ -239,7 +247,6 @@ def _update_best2(
 ) -> None:
     """Fold a tile into the running (best score, its row, second best score) of each query.
     Only queries whose best the tile beats ("hot": few, past the first tiles) open a group."""
-    w = tile.shape[1]
     gm = _group_min(tile, ng, gbuf)
     m = gm.amin(1).float()
     hot = m < best
@@ -250,8 +257,7 @@ def _update_best2(
     g = gm.index_select(0, qs)
     mq, gq = g.min(1)
     outside = g.scatter_(1, gq.unsqueeze(1), math.inf).amin(1)  # best of the other groups
-    cols, absent = _members(gq, ng, w)
-    vals = torch.take(tile, qs.unsqueeze(1) * w + cols).float().masked_fill_(absent, math.inf)
+    vals, cols = _member_scores(tile, qs, gq, ng)
     j = vals.argmin(1, keepdim=True)
     inside = vals.scatter_(1, j, math.inf).amin(1)  # the winner's group, but the winner
     second[qs] = torch.minimum(second[qs], torch.minimum(outside.float(), inside))

@@ -73,7 +73,8 @@ def bank_center(src: RowSource, metric: Metric, sample: int = 2048) -> torch.Ten
 def prepare(
     y: torch.Tensor, metric: Metric, center: torch.Tensor | None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Bank or query block as the float32 scan sees it: centred (l2) or unit-norm (cosine)."""
+    """Bank or query block as the float32 scan sees it: centred (l2) or unit-norm (cosine).
+    A centred block is written into `out` when given (scratch reuse)."""
     if metric == "cosine":
         return normalize(y, "vectors")
     if center is not None:
@@ -115,13 +116,7 @@ def prepared_blocks(
     lowbuf = ws.get("rows low", (bs, src.d), dtype, device) if dtype != ybuf.dtype else None
     for r0, y, dead in src.blocks(bs):
         nbk = y.shape[0]
-        y = y.to(device)
-        if metric == "cosine":
-            yp = ybuf[:nbk].copy_(normalize(y, "vectors"))
-        elif center is not None:
-            yp = torch.sub(y, center.to(device), out=ybuf[:nbk])
-        else:
-            yp = y
+        yp = prepare(y.to(device), metric, center, out=ybuf[:nbk])
         yn = torch.linalg.vector_norm(yp, dim=1, out=ynbuf[:nbk]).square_()
         low = yp if lowbuf is None else lowbuf[:nbk].copy_(yp)
         yield r0, low, yn, None if dead is None else dead.to(device)
