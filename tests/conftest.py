@@ -24,6 +24,17 @@ def brute_force(
     return (D if metric == "l2" else -D), I
 
 
+@pytest.fixture(params=["cpu-style", "gpu-style"])
+def scan_style(request, monkeypatch) -> bool:
+    """Runs a test with the scan in each style (`vqsearch.index._scan`): the GPU style's fixed
+    shapes, norm column and single sync are checked on the CPU too, where CI runs."""
+    from vqsearch.index import _exact
+
+    gpu = request.param == "gpu-style"
+    monkeypatch.setattr(_exact, "gpu_style", lambda device: gpu)
+    return gpu
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

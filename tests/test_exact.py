@@ -15,7 +15,7 @@ METRICS = ["l2", "ip", "cosine"]
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("kind", ["randn", "offset", "near_ties"])
 @pytest.mark.parametrize("k", [1, 7])
-def test_knn_equals_float64_brute_force(rng, metric, kind, k):
+def test_knn_equals_float64_brute_force(rng, metric, kind, k, scan_style):
     """Ids equal float64 brute force exactly and distances to float32 precision."""
     xq, xb = datasets(rng)[kind]
     # small tiles so that the scan really is blocked over queries and bank
@@ -34,7 +34,7 @@ def test_float32_expansion_alone_would_be_wrong(rng):
     assert (naive != brute_force(xq, xb, 1, "l2")[1][:, 0]).mean() > 0.2
 
 
-def test_exact_ties_go_to_lowest_id(rng):
+def test_exact_ties_go_to_lowest_id(rng, scan_style):
     """Duplicated bank rows tie exactly; the lowest row wins, in k=1 and top-k alike."""
     code = rng.standard_normal((40, 16)).astype(np.float32)
     xb = np.concatenate([code, code, code])  # each vector at rows r, r+40, r+80
@@ -48,7 +48,7 @@ def test_exact_ties_go_to_lowest_id(rng):
         assert (I3[:, 1] == I3[:, 0] + 40).all() and (I3[:, 2] == I3[:, 0] + 80).all()
 
 
-def test_fallback_path_is_exact_when_ties_exceed_margin(rng, monkeypatch):
+def test_fallback_path_is_exact_when_ties_exceed_margin(rng, monkeypatch, scan_style):
     """More exact duplicates than the kept margin force the float64 scan; it is still exact."""
     calls = []
     real = _exact._scan64
@@ -88,13 +88,3 @@ def test_l2_distances_clamped_nonnegative(rng):
     D, I = knn(xb[:50], xb, 1)
     assert (D >= 0).all() and (D[:, 0] == 0).all()
     np.testing.assert_array_equal(I[:, 0], np.arange(50))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("metric", METRICS)
-def test_cuda_path_equals_brute_force(rng, metric):
-    """On a GPU the same search is still exactly float64 brute force."""
-    for kind, (xq, xb) in datasets(rng).items():
-        for k in (1, 5):
-            I = knn(xq, xb, k, metric, device="cuda")[1]
-            np.testing.assert_array_equal(I, brute_force(xq, xb, k, metric)[1], err_msg=kind)

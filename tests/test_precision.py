@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import brute_force, datasets
-from vqsearch.index import Bank, _exact, _precision, _workspace, knn
+from vqsearch.index import Bank, _exact, _precision, _scan, _workspace, knn
 from vqsearch.index._rows import MatrixRows, bank_center, prepare
 from vqsearch.index._workspace import Workspace
 
@@ -35,7 +35,7 @@ def hard_datasets(rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.nd
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("k", [1, 5])
-def test_each_precision_equals_float64_brute_force(rng, precision, metric, k):
+def test_each_precision_equals_float64_brute_force(rng, precision, metric, k, scan_style):
     """Whatever the candidate precision, the ids are float64 brute force on every data set."""
     for kind, (xq, xb) in hard_datasets(rng).items():
         I = knn(xq, xb, k, metric, tile_elems=1 << 15, precision=precision)[1]
@@ -44,7 +44,7 @@ def test_each_precision_equals_float64_brute_force(rng, precision, metric, k):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_scan_scores_stay_within_the_error_bound(rng, precision, metric):
+def test_scan_scores_stay_within_the_error_bound(rng, precision, metric, scan_style):
     """Every scan score is within E_q of its float64 value: the bound the proofs rest on."""
     prec = _precision.choose(CPU, precision)
     for kind, (xq, xb) in hard_datasets(rng).items():
@@ -54,7 +54,9 @@ def test_scan_scores_stay_within_the_error_bound(rng, precision, metric):
         radius2 = torch.zeros(())
         tiles = [
             t.double().clone()
-            for _, t in _exact._tiles(xs, src, center, metric, 512, radius2, prec, Workspace())
+            for _, t in _scan.tiles(
+                xs, src, center, metric, 512, radius2, prec, Workspace(), scan_style
+            )
         ]
         scores = torch.cat(tiles, 1)
         yp = prepare(torch.from_numpy(xb), metric, center).double()
@@ -67,7 +69,7 @@ def test_scan_scores_stay_within_the_error_bound(rng, precision, metric):
             assert float((err / bound).max()) > 1e-3
 
 
-def test_bf16_leftovers_go_to_fp32(rng):
+def test_bf16_leftovers_go_to_fp32(rng, scan_style):
     """Queries bf16 cannot prove (clustered codes) are scanned again in fp32, and exact."""
     xq, xb = hard_datasets(rng)["clustered"]
     stats: Counter[str] = Counter()
@@ -88,7 +90,23 @@ def test_auto_picks_bf16_only_for_k1_on_native_hardware(monkeypatch):
         _precision.choose(CPU, "fp16")
 
 
-def test_auto_remembers_per_bank_that_bf16_fails(rng, tmp_path, monkeypatch):
+def test_cuda_bf16_only_with_full_precision_reduction():
+    """On CUDA, bf16 (asked for or 'auto') needs fp32 split-K sums; without them: fp32."""
+    cuda, flags = torch.device("cuda"), torch.backends.cuda.matmul
+    saved = flags.allow_bf16_reduced_precision_reduction
+    try:
+        flags.allow_bf16_reduced_precision_reduction = True
+        assert _precision.choose(cuda, "bf16").dtype == torch.float32
+        assert _precision.choose(cuda, "auto", 1).dtype == torch.float32
+        flags.allow_bf16_reduced_precision_reduction = False
+        assert _precision.choose(cuda, "bf16") is _precision.BF16
+        assert _precision.choose(cuda, "auto", 1) is _precision.BF16
+        assert _precision.choose(cuda, "auto", 5).dtype == torch.float32
+    finally:
+        flags.allow_bf16_reduced_precision_reduction = saved
+
+
+def test_auto_remembers_per_bank_that_bf16_fails(rng, tmp_path, monkeypatch, scan_style):
     """After bf16 fails on a bank, 'auto' goes straight to fp32, and retries bf16 now and then."""
     monkeypatch.setattr(_precision, "_cpu_has_native_bf16", lambda: True)
     xq, xb = hard_datasets(rng)["clustered"]

@@ -318,4 +318,4 @@ class Bank:
 
 def to_reported(D: torch.Tensor, metric: str) -> np.ndarray:
     """Internal 'smaller is nearer' float64 -> reported float32 (similarity for ip and cosine)."""
-    return (D if metric == "l2" else -D).to(torch.float32).numpy()
+    return (D if metric == "l2" else -D).to(torch.float32).cpu().numpy()

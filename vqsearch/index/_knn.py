@@ -10,7 +10,7 @@ import torch
 
 from ._bank import to_reported
 from ._errors import EmptyBankError, ZeroVectorError
-from ._exact import TILE_ELEMS, TOPK_TILE_ELEMS, search_nearest, search_topk
+from ._exact import search_nearest, search_topk
 from ._rows import MatrixRows, bank_center
 from ._validate import Metric, as_matrix, check_k, check_metric, resolve_device
 
@@ -38,7 +38,7 @@ def knn(
     xq (nq, d), xb (nb, d): numpy arrays or torch tensors of any real dtype (searched as float32).
     Returns D (nq, k) float32 and I (nq, k) int64 row numbers of xb, nearest first, ties broken
     by the lowest row. l2: squared distances; ip: inner products; cosine: cosine similarities.
-    Scratch memory is bounded by `tile_elems` (default: 2**21 for k=1, 2**23 otherwise; see
+    Scratch memory is bounded by `tile_elems` (default: 2**21 on a CPU, 2**28 on a GPU; see
     `vqsearch.index._exact`), not by nq x nb. precision: the candidate scan's arithmetic,
     'auto' (bf16 where the hardware runs it natively), 'fp32' or 'bf16'; the answer is exact
     in all three, only the speed differs. stats: a Counter to which each scan adds how many
@@ -55,7 +55,7 @@ def knn(
         _check_nonzero(xq_t, "xq")
         _check_nonzero(xb_t, "xb")
     dev = resolve_device(device)
-    src = MatrixRows(xb_t.cpu())
+    src = MatrixRows(xb_t.to(dev))
     center = bank_center(src, metric)
     if k == 1:
         d1, i1 = search_nearest(
@@ -64,11 +64,11 @@ def knn(
             center,
             metric,
             dev,
-            tile_elems or TILE_ELEMS,
+            tile_elems,
             precision=precision,
             stats=stats,
         )
-        return to_reported(d1[:, None], metric), i1[:, None].numpy()
+        return to_reported(d1[:, None], metric), i1[:, None].cpu().numpy()
     D, I = search_topk(
         xq_t,
         src,
@@ -76,8 +76,8 @@ def knn(
         metric,
         k,
         dev,
-        tile_elems or TOPK_TILE_ELEMS,
+        tile_elems,
         precision=precision,
         stats=stats,
     )
-    return to_reported(D, metric), I.numpy()
+    return to_reported(D, metric), I.cpu().numpy()

@@ -88,19 +88,19 @@ def choose(device: torch.device, requested: str = "auto", k: int = 1) -> Precisi
     (|x| + R)^2 above its best, which a code nearest to a latent often does. Its k-th and
     (k + 2)-th neighbours in a dense bank almost never are that far apart (measured: 1000 of
     1000 queries unproven in 1,000,000 x 128, k = 10), and then the bf16 scan is pure cost."""
-    if requested == "fp32":
-        return _fp32_gemm(device)
-    if requested == "bf16":
-        return BF16
-    if requested != "auto":
+    if requested not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {requested!r}")
-    if k != 1:
+    # CUDA's reduced-precision split-K sums are bf16 partial sums, which the bound above does
+    # not cover: bf16 there needs torch.backends.cuda.matmul.allow_bf16_reduced_precision_
+    # reduction = False (the service sets it), else the scan runs in fp32.
+    bound_holds = device.type != "cuda" or (
+        not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    )
+    if requested == "bf16" and bound_holds:
+        return BF16
+    if requested != "auto" or k != 1 or not bound_holds:
         return _fp32_gemm(device)
-    if device.type == "cuda":
-        # Reduced-precision split-K sums are bf16 partial sums: the bound above would not hold.
-        fast = not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-    else:
-        fast = device.type == "cpu" and _cpu_has_native_bf16()
+    fast = device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16())
     return BF16 if fast else _fp32_gemm(device)
 
 
@@ -112,9 +112,10 @@ def error_bound(
     d = xs.shape[1]
     c = 2.0 * ((d + 8) * U32 + 2 * prec.u_in + 2 * prec.u_out)
     # float32 norms (a float64 copy of the block would be 4 MiB per search), rounded up by
-    # their own error bound; an overflow gives inf, and the float64 scan.
-    xn = torch.linalg.vector_norm(xs, dim=1).double().cpu() * (1 + (d + 4) * U32)
-    radius = math.sqrt(float(radius2)) * (1 + 1e-5)  # the float32 norm's own rounding
+    # their own error bound; an overflow gives inf, and the float64 scan. All on xs's device:
+    # no sync with the host.
+    xn = torch.linalg.vector_norm(xs, dim=1).double() * (1 + (d + 4) * U32)
+    radius = radius2.double().sqrt() * (1 + 1e-5)  # the float32 norm's own rounding
     flushed = 4 * d * TINY * (1 + xn + radius)
     if metric == "l2":
         e = c * (xn + radius) ** 2 + flushed

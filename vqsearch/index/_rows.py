@@ -44,10 +44,31 @@ class MatrixRows:
 
     def __post_init__(self) -> None:
         self.n, self.d = self.xb.shape
+        self.device = self.xb.device
+        self._prepared: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor, None]] = {}
 
     def blocks(self, bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
         for r0 in range(0, self.n, bs):
             yield r0, self.xb[r0 : r0 + bs], None
+
+    def prepared(
+        self,
+        metric: Metric,
+        center: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[torch.Tensor, torch.Tensor, None] | None:
+        """On a GPU, the matrix prepared for the scan once per search rather than once per
+        query block (there each block's preparation is a handful of kernel launches), when it
+        fits PREPARED_CACHE_BYTES: (rows in dtype, float32 squared norms, no dead mask). On a
+        CPU, None: blocks prepared in scratch, in cache, cost no more and no memory."""
+        if device.type == "cpu" or self.n * self.d * (4 + dtype.itemsize) > PREPARED_CACHE_BYTES:
+            return None
+        key = (metric, str(device), str(dtype))
+        if key not in self._prepared:
+            yp = prepare(self.xb.to(device), metric, center)
+            self._prepared[key] = (yp.to(dtype), (yp * yp).sum(1), None)
+        return self._prepared[key]
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
         return self.xb[rows]

@@ -1,0 +1,225 @@
+"""Exact nearest code on a CUDA GPU: time, TFLOP/s and fraction of the measured bf16 peak.
+
+The case of the performance issue: a 16384 x 256 codebook and 262,144 queries (a batch of 1024
+VQGAN 16x16 latents), k = 1, through the public `knn` with both on the GPU (D and I come back
+as numpy arrays: the 4 MiB copy to the host is included), and again with the queries coming
+from host memory (the host-to-device copy included). The peak is a 8192^3 bf16 torch GEMM
+measured in the same run; the floor of our design is the bf16 GEMM of the scan's own shape,
+also measured. Every answer is checked against a float64 reference computed on the GPU
+(candidates by a float64 expansion, decided by the direct formula; see `reference`).
+
+    python bench/gpu.py [--repeats 10] [--out bench/results/gpu.md]
+    python bench/gpu.py --device cpu --nq 4096 --nb 1024   # a smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vqsearch.index import knn
+from vqsearch.index._scan import group_min, update_best2
+
+NB, D, NQ = 16384, 256, 262_144
+U64 = 2.0**-53
+DEV = torch.device("cuda")
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(best, median) wall seconds of fn, the GPU synchronised around each call."""
+    fn()
+    fn()
+    ts = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return min(ts), statistics.median(ts)
+
+
+def gemm_tflops(m: int, n: int, k: int, repeats: int = 10) -> float:
+    """Mean TFLOP/s of a bf16 (m, k) x (k, n) torch GEMM on random data."""
+    a = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.mm(a, b.T, out=out)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b.T, out=out)
+    sync()
+    return 2 * m * n * k * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def codebooks(g: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(xb, xq) on the GPU. code+noise: queries are codes plus noise (a clear nearest code).
+    kmeans: codes trained by 8 Lloyd steps on low-rank latents, queries fresh latents (nearest
+    codes close together, as a VQ tokenizer sees them: bf16 proves fewer of these)."""
+    dev = DEV
+    xb = torch.randn(NB, D, device=dev, generator=g)
+    pick = torch.randint(0, NB, (NQ,), device=dev, generator=g)
+    out = {"code+noise": (xb, xb[pick] + 0.5 * torch.randn(NQ, D, device=dev, generator=g))}
+    w = torch.randn(32, D, device=dev, generator=g) / 4
+
+    def latents(n: int) -> torch.Tensor:
+        z = torch.randn(n, 32, device=dev, generator=g) @ w
+        return z + 0.1 * torch.randn(n, D, device=dev, generator=g) + 3.0
+
+    train = latents(4 * NB)
+    codes = train[:NB].clone()
+    for _ in range(8):
+        a = torch.cdist(train, codes).argmin(1)
+        sums = torch.zeros_like(codes).index_add_(0, a, train)
+        counts = torch.bincount(a, minlength=NB).clamp_min(1).unsqueeze(1)
+        codes = torch.where(counts > 0, sums / counts, codes)
+    out["kmeans"] = (codes.contiguous(), latents(NQ))
+    return out
+
+
+def reference(xq: torch.Tensor, xb: torch.Tensor, bs: int = 8192) -> torch.Tensor:
+    """Float64 nearest row (ties: lowest) of every query. A float64 expansion shortlists 8
+    rows; the direct formula sum((x - y)^2) decides among them. A query whose 8th expansion
+    score is within the expansion's error bound of its best is decided over the whole bank."""
+    y = xb.double()
+    yn = (y * y).sum(1)
+    r2 = float(yn.max())
+    out = torch.empty(len(xq), dtype=torch.int64, device=xq.device)
+    for i0 in range(0, len(xq), bs):
+        x = xq[i0 : i0 + bs].double()
+        s = yn - 2 * x @ y.T
+        v, c = s.topk(8, dim=1, largest=False)
+        bound = 4 * (D + 4) * U64 * ((x * x).sum(1).sqrt() + r2**0.5) ** 2
+        dist = ((x.unsqueeze(1) - y[c]) ** 2).sum(-1)
+        order = torch.argsort(c, 1)
+        dist, c = dist.gather(1, order), c.gather(1, order)
+        j = torch.argsort(dist, dim=1, stable=True)[:, 0]
+        out[i0 : i0 + bs] = c.gather(1, j.unsqueeze(1)).squeeze(1)
+        for q in (v[:, -1] - v[:, 0] <= 2 * bound).nonzero()[:, 0].tolist():
+            full = ((x[q] - y) ** 2).sum(1)
+            out[i0 + q] = int((full == full.min()).nonzero()[0, 0])
+    return out
+
+
+def breakdown(xq: torch.Tensor, xb: torch.Tensor, repeats: int) -> list[str]:
+    """Milliseconds of the pieces of one scan block (16384 queries x the codebook, bf16), and
+    of moving the queries from host memory: where the time of a search goes."""
+    bq, ng = min(16384, NQ), NB // 8
+    xa = torch.zeros(bq, 264, device=DEV, dtype=torch.bfloat16)
+    xa[:, :D] = -2 * xq[:bq]
+    ya = torch.zeros(NB, 264, device=DEV, dtype=torch.bfloat16)
+    ya[:, :D], ya[:, D] = xb, (xb * xb).sum(1)
+    tile = torch.empty(bq, NB, device=DEV, dtype=torch.bfloat16)
+    gbuf = torch.empty(bq, NB // 2, device=DEV, dtype=torch.bfloat16)
+    best, second = torch.full((bq,), 1e30, device=DEV), torch.full((bq,), 1e30, device=DEV)
+    arg = torch.zeros(bq, dtype=torch.int64, device=DEV)
+    host = xq.cpu()
+    parts = {
+        "GEMM (16384 x 16384 x 264, bf16 out)": lambda: torch.mm(xa, ya.T, out=tile),
+        "group minima (one pass over the tile)": lambda: group_min(tile, ng, gbuf),
+        "update_best2, GPU style (group minima included)": lambda: update_best2(
+            tile, ng, gbuf, 0, best, second, arg, True
+        ),
+        "topk(2) over the tile, for comparison": lambda: tile.topk(2, 1, largest=False),
+        "min(1) over the tile, for comparison": lambda: tile.min(1),
+    }
+    if DEV.type == "cuda":
+        parts[f"host -> GPU, {NQ} queries, pageable"] = lambda: host.to(DEV)
+        parts[f"host -> GPU, {NQ} queries, pinned first"] = lambda: host.pin_memory().to(DEV)
+    out = []
+    for name, fn in parts.items():
+        best_t, _ = timed(fn, repeats)
+        out.append(f"- {name}: {best_t * 1e3:.3f} ms")
+        print(out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    global DEV, NQ, NB
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--nq", type=int, default=NQ)
+    ap.add_argument("--nb", type=int, default=NB)
+    ap.add_argument("--peak-n", type=int, default=8192, help="size of the peak GEMM")
+    args = ap.parse_args()
+    DEV, NQ, NB = torch.device(args.device), args.nq, args.nb
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    name = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu"
+    n = args.peak_n
+    peak = gemm_tflops(n, n, n)
+    floor_rate = gemm_tflops(n, NB, 264)
+    floor_ms = 2 * NQ * NB * 264 / floor_rate / 1e9
+    flop = 2 * NQ * NB * D
+    lines = [
+        f"device: {name}, torch {torch.__version__}",
+        f"bf16 GEMM measured in this run: {n}^3 {peak:.0f} TFLOP/s; the scan's shape "
+        f"({n} x {NB} x 264) {floor_rate:.0f} TFLOP/s, i.e. {floor_ms:.2f} ms for {NQ} queries",
+        f"case: codebook {NB} x {D}, {NQ} queries, k = 1 ({flop / 1e12:.2f} TFLOP); times are "
+        f"best (median) of {args.repeats}",
+        "",
+        "| data | precision | queries on GPU (ms) | TFLOP/s | of peak | queries from host (ms) "
+        "| first scan proved | ids differing from float64 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print(*lines[:3], sep="\n", flush=True)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for name, (xb, xq) in codebooks(g).items():
+        ref = reference(xq, xb).cpu().numpy()
+        xq_host = xq.cpu().numpy()
+        for precision in ("auto", "fp32"):
+            best, med = timed(
+                lambda: knn(xq, xb, 1, device=DEV, precision=precision),  # noqa: B023
+                args.repeats,
+            )
+            hbest, hmed = timed(
+                lambda: knn(xq_host, xb, 1, device=DEV, precision=precision),  # noqa: B023
+                max(3, args.repeats // 3),
+            )
+            stats: Counter[str] = Counter()
+            I = knn(xq, xb, 1, device=DEV, precision=precision, stats=stats)[1][:, 0]
+            first = next(iter(stats))[: -len(" scanned")]
+            proved = f"{stats[first + ' proven'] / stats[first + ' scanned']:.1%} ({first})"
+            row = (
+                f"| {name} | {precision} | {best * 1e3:.2f} ({med * 1e3:.2f}) | "
+                f"{flop / best / 1e12:.0f} | {flop / best / 1e12 / peak:.0%} | "
+                f"{hbest * 1e3:.1f} ({hmed * 1e3:.1f}) | {proved} | "
+                f"{int((ref != I).sum())} of {NQ} |"
+            )
+            print(row, flush=True)
+            lines.append(row)
+    xb, xq = codebooks(g)["code+noise"]
+    lines += ["", "pieces (best of repeats):", *breakdown(xq, xb, args.repeats)]
+    lines += ["", "tile_elems sweep (code+noise, auto, queries on GPU):"]
+    for e in (26, 27, 28, 29, 30):
+        best, _ = timed(lambda: knn(xq, xb, 1, device=DEV, tile_elems=1 << e), args.repeats)  # noqa: B023
+        lines.append(f"- 2**{e}: {best * 1e3:.2f} ms")
+        print(lines[-1], flush=True)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if DEV.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        knn(xq, xb, 1, device=DEV)
+        sync()
+    table = prof.key_averages().table(sort_by=f"{DEV.type}_time_total", row_limit=14)
+    print(table)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n\n```\n" + table + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()
