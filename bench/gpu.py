@@ -15,15 +15,17 @@ also measured. Every answer is checked against a float64 reference computed on t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from vqsearch.index import knn
+from vqsearch.index import _fused, knn
 from vqsearch.index._scan import group_min, update_best2
 
 NB, D, NQ = 16384, 256, 262_144
@@ -147,6 +149,69 @@ def breakdown(xq: torch.Tensor, xb: torch.Tensor, repeats: int) -> list[str]:
     return out
 
 
+# label, precision, fused kernel allowed
+VARIANTS = [
+    ("auto", "auto", True),
+    ("auto, torch scan", "auto", False),
+    ("fp32", "fp32", False),
+]
+CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
+]
+
+
+@contextlib.contextmanager
+def fused_kernel(allowed: bool, config: dict[str, int] | None = None) -> Iterator[None]:
+    """Searches inside may (or may not) use the fused Triton kernel, in this configuration."""
+    saved = _fused.available, dict(_fused.CONFIG)
+    if not allowed:
+        _fused.available = lambda device, nb, d: False
+    if config:
+        _fused.CONFIG.update(config)
+    try:
+        yield
+    finally:
+        _fused.available = saved[0]
+        _fused.CONFIG.clear()
+        _fused.CONFIG.update(saved[1])
+
+
+def row(
+    name: str,
+    xb: torch.Tensor,
+    xq: torch.Tensor,
+    ref: np.ndarray,
+    label: str,
+    precision: str,
+    flop: float,
+    peak: float,
+    repeats: int,
+) -> str:
+    """One table row: timings with the queries on the GPU and from the host, proof rate and
+    the ids that differ from the float64 reference."""
+    xq_host = xq.cpu().numpy()
+    best, med = timed(lambda: knn(xq, xb, 1, device=DEV, precision=precision), repeats)
+    hbest, hmed = timed(
+        lambda: knn(xq_host, xb, 1, device=DEV, precision=precision), max(3, repeats // 3)
+    )
+    stats: Counter[str] = Counter()
+    I = knn(xq, xb, 1, device=DEV, precision=precision, stats=stats)[1][:, 0]
+    first = next(iter(stats))[: -len(" scanned")]
+    proved = f"{stats[first + ' proven'] / stats[first + ' scanned']:.1%} ({first})"
+    out = (
+        f"| {name} | {label} | {best * 1e3:.2f} ({med * 1e3:.2f}) | "
+        f"{flop / best / 1e12:.0f} | {flop / best / 1e12 / peak:.0%} | "
+        f"{hbest * 1e3:.1f} ({hmed * 1e3:.1f}) | {proved} | {int((ref != I).sum())} of {NQ} |"
+    )
+    print(out, flush=True)
+    return out
+
+
 def main() -> None:
     global DEV, NQ, NB
     ap = argparse.ArgumentParser()
@@ -178,36 +243,22 @@ def main() -> None:
     ]
     print(*lines[:3], sep="\n", flush=True)
     g = torch.Generator(device=DEV).manual_seed(0)
-    for name, (xb, xq) in codebooks(g).items():
+    data = codebooks(g)
+    for name, (xb, xq) in data.items():
         ref = reference(xq, xb).cpu().numpy()
-        xq_host = xq.cpu().numpy()
-        for precision in ("auto", "fp32"):
-            best, med = timed(
-                lambda: knn(xq, xb, 1, device=DEV, precision=precision),  # noqa: B023
-                args.repeats,
-            )
-            hbest, hmed = timed(
-                lambda: knn(xq_host, xb, 1, device=DEV, precision=precision),  # noqa: B023
-                max(3, args.repeats // 3),
-            )
-            stats: Counter[str] = Counter()
-            I = knn(xq, xb, 1, device=DEV, precision=precision, stats=stats)[1][:, 0]
-            first = next(iter(stats))[: -len(" scanned")]
-            proved = f"{stats[first + ' proven'] / stats[first + ' scanned']:.1%} ({first})"
-            row = (
-                f"| {name} | {precision} | {best * 1e3:.2f} ({med * 1e3:.2f}) | "
-                f"{flop / best / 1e12:.0f} | {flop / best / 1e12 / peak:.0%} | "
-                f"{hbest * 1e3:.1f} ({hmed * 1e3:.1f}) | {proved} | "
-                f"{int((ref != I).sum())} of {NQ} |"
-            )
-            print(row, flush=True)
-            lines.append(row)
-    xb, xq = codebooks(g)["code+noise"]
+        for label, precision, fused in VARIANTS:
+            with fused_kernel(fused):
+                lines.append(row(name, xb, xq, ref, label, precision, flop, peak, args.repeats))
+    xb, xq = data["code+noise"]
     lines += ["", "pieces (best of repeats):", *breakdown(xq, xb, args.repeats)]
-    lines += ["", "tile_elems sweep (code+noise, auto, queries on GPU):"]
-    for e in (26, 27, 28, 29, 30):
-        best, _ = timed(lambda: knn(xq, xb, 1, device=DEV, tile_elems=1 << e), args.repeats)  # noqa: B023
-        lines.append(f"- 2**{e}: {best * 1e3:.2f} ms")
+    lines += ["", "fused kernel configurations (code+noise, auto, queries on GPU):"]
+    for cfg in CONFIGS:
+        with fused_kernel(True, cfg):
+            try:
+                best, _ = timed(lambda: knn(xq, xb, 1, device=DEV), args.repeats)
+                lines.append(f"- {cfg}: {best * 1e3:.2f} ms")
+            except Exception as exc:
+                lines.append(f"- {cfg}: failed ({type(exc).__name__}: {str(exc)[:80]})")
         print(lines[-1], flush=True)
     acts = [torch.profiler.ProfilerActivity.CPU]
     if DEV.type == "cuda":

@@ -24,7 +24,7 @@ once per block or tile (`_scan.gpu_style`).
 
 Scratch memory, per search, in a workspace reused by the next search (`_workspace`): the score
 tile, ``bs_q x bs_b`` in the scan dtype (``tile_elems`` = 2**21 elements on a CPU: 8 MiB fp32,
-4 MiB bf16; 2**28 on a GPU: 512 MiB bf16, 1 GiB fp32), the group minima (at most half a tile),
+4 MiB bf16; 2**29 on a GPU: 1 GiB bf16, 2 GiB fp32), the group minima (at most half a tile),
 the prepared query block (``bs_q x d`` float32, plus its bf16 copy) and, for banks without a
 cached prepared copy, one prepared bank block (at most ``tile_elems`` float32); re-rank chunks
 of at most 2**16 float64 elements (512 KiB; 2**24 on a GPU). On a CPU at the defaults with
@@ -40,8 +40,9 @@ from typing import Any
 
 import torch
 
-from ._precision import WORTH_IT, Precision, choose, error_bound, record, resolve
-from ._rows import RowSource, prepare
+from . import _fused
+from ._precision import BF16_FUSED, WORTH_IT, Precision, choose, error_bound, record, resolve
+from ._rows import RowSource, prepare, prepared_blocks
 from ._scan import SLABS, TOPK_SLABS, gpu_style, scan_topk, tiles, update_best2
 from ._validate import Metric
 from ._workspace import Workspace, borrow
@@ -49,7 +50,7 @@ from ._workspace import Workspace, borrow
 TILE_ELEMS = 1 << 21  # k = 1: 2048 queries x 1024 rows, measured fastest here
 TOPK_TILE_ELEMS = 1 << 21  # top-k: 1024 queries x 2048 rows; larger tiles leave the cache
 RERANK_ELEMS = 1 << 16  # float64: 512 KiB chunks, under the service's 1 MiB mmap threshold
-GPU_TILE_ELEMS = 1 << 28  # 16384 queries x 16384 rows: few kernels, each large
+GPU_TILE_ELEMS = 1 << 29  # 32768 queries x 16384 rows: few kernels (H200: 2**28 28 ms, 2**29 18)
 GPU_BANK_BLOCK = 16384
 GPU_RERANK_ELEMS = 1 << 24
 MARGINS = (2, 32)  # kept beyond k by the first scan, then by a retry for unproven queries
@@ -59,6 +60,15 @@ CPU = torch.device("cpu")
 def home(src: RowSource) -> torch.device:
     """Where the row source keeps its rows: the re-rank runs there and the results live there."""
     return getattr(src, "device", CPU)
+
+
+def _on_device(xq: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Queries from host memory onto a GPU in one copy (block by block, pageable copies and
+    the re-rank's gathers from host memory cost more than the search). Measured on an H200
+    for 268 MB: pageable 41 ms, pinned first 12.5 ms (`bench/results/gpu.md`)."""
+    if device.type != "cuda" or xq.device == device:
+        return xq
+    return (xq.pin_memory() if xq.numel() >= 1 << 22 else xq).to(device, non_blocking=True)
 
 
 def exact64(x: torch.Tensor, y: torch.Tensor, metric: Metric) -> torch.Tensor:
@@ -187,6 +197,7 @@ def _search_topk(
         _count(stats, "float64", len(xq), len(xq))
         return _scan64(xq, src, metric, k)
     gpu = gpu_style(device)
+    xq = _on_device(xq, device)
     hints = getattr(src, "hints", None)
     prec = resolve(precision, device, k, hints)
     fp32 = choose(device, "fp32")
@@ -250,6 +261,7 @@ def _search_nearest(
     early on a bank where it proves too little)."""
     ws = ws or Workspace()
     nq, dev, gpu = xq.shape[0], home(src), gpu_style(device)
+    xq = _on_device(xq, device)
     hints = getattr(src, "hints", None)
     prec = resolve(precision, device, 1, hints)
     fp32 = choose(device, "fp32")
@@ -261,16 +273,28 @@ def _search_nearest(
     arg = torch.zeros(nq, dtype=torch.int64, device=device)
     e2 = torch.empty(nq, dtype=torch.float64, device=device)
     used: list[tuple[int, Precision]] = []  # (first query, scan precision) of each block
+    fused = None
+    if gpu and prec.dtype == torch.bfloat16 and _fused.available(device, src.n, src.d):
+        # Triton's interpreter (the CPU tests) misreads bf16: it gets float32 operands, which
+        # the bf16 bound covers too.
+        dtype = prec.dtype if device.type == "cuda" else torch.float32
+        blocks = prepared_blocks(src, bs_b, metric, center, device, dtype, ws)
+        fused = _fused.bank_operand(blocks, src.n, src.d, metric, dtype, device)
     for i0 in range(0, nq, bs_q):
         x = xq[i0 : i0 + bs_q]
         xs = prepare(x.to(device), metric, center, ws.get("xs", x.shape, device=device))
         b, s, a = best[i0 : i0 + bs_q], second[i0 : i0 + bs_q], arg[i0 : i0 + bs_q]
-        gbuf = ws.get("groups", (xs.shape[0], max(ng, bs_b // 2)), prec.dtype, device)
-        radius2 = torch.zeros((), device=device)
-        for r0, tile in tiles(xs, src, center, metric, bs_b, radius2, prec, ws, gpu):
-            update_best2(tile, min(ng, -(-tile.shape[1] // SLABS)), gbuf, r0, b, s, a, gpu)
+        if fused is not None:
+            _fused.nearest(xs, fused, metric, b, s, a)
+            radius2 = fused.radius2
+        else:
+            gbuf = ws.get("groups", (xs.shape[0], max(ng, bs_b // 2)), prec.dtype, device)
+            radius2 = torch.zeros((), device=device)
+            for r0, tile in tiles(xs, src, center, metric, bs_b, radius2, prec, ws, gpu):
+                update_best2(tile, min(ng, -(-tile.shape[1] // SLABS)), gbuf, r0, b, s, a, gpu)
         # Provably the unique nearest when every other row scores beyond best + 2E.
-        e2[i0 : i0 + bs_q] = 2 * error_bound(xs, radius2, metric, prec)
+        bound_prec = BF16_FUSED if fused is not None else prec
+        e2[i0 : i0 + bs_q] = 2 * error_bound(xs, radius2, metric, bound_prec)
         used.append((i0, prec))
         if not gpu and prec.u_in > fp32.u_in:
             proven = float((s.double() > b.double() + e2[i0 : i0 + bs_q]).float().mean())
@@ -278,11 +302,11 @@ def _search_nearest(
                 prec = fp32
     ok = (second.double() > best.double() + e2).cpu()  # the one sync of a GPU search
     low = torch.zeros(nq, dtype=torch.bool)  # scanned in a precision coarser than fp32
-    for (i0, p), i1 in zip(used, [i for i, _ in used[1:]] + [nq], strict=True):
-        n_ok = int(ok[i0:i1].sum())
-        _count(stats, f"{p.name} k=1", i1 - i0, n_ok)
-        record(hints, p, 1, n_ok / (i1 - i0))
-        low[i0:i1] = p.u_in > fp32.u_in
+    for (i0, p), end in zip(used, [i for i, _ in used[1:]] + [nq], strict=True):
+        n_ok = int(ok[i0:end].sum())
+        _count(stats, f"{p.name} k=1", end - i0, n_ok)
+        record(hints, p, 1, n_ok / (end - i0))
+        low[i0:end] = p.u_in > fp32.u_in
     which = ok.nonzero()[:, 0]
     rows = arg.to(dev)[which.to(dev)].unsqueeze(1)
     d1, i1 = _rerank(xq, which, rows, torch.zeros_like(rows, dtype=torch.bool), src, metric, 1)

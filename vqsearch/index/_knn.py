@@ -38,7 +38,7 @@ def knn(
     xq (nq, d), xb (nb, d): numpy arrays or torch tensors of any real dtype (searched as float32).
     Returns D (nq, k) float32 and I (nq, k) int64 row numbers of xb, nearest first, ties broken
     by the lowest row. l2: squared distances; ip: inner products; cosine: cosine similarities.
-    Scratch memory is bounded by `tile_elems` (default: 2**21 on a CPU, 2**28 on a GPU; see
+    Scratch memory is bounded by `tile_elems` (default: 2**21 on a CPU, 2**29 on a GPU; see
     `vqsearch.index._exact`), not by nq x nb. precision: the candidate scan's arithmetic,
     'auto' (bf16 where the hardware runs it natively), 'fp32' or 'bf16'; the answer is exact
     in all three, only the speed differs. stats: a Counter to which each scan adds how many

@@ -49,6 +49,8 @@ class Precision:
 
 
 BF16 = Precision("bf16", torch.bfloat16, BF16_U, BF16_U)
+# bf16 inputs, scores kept in fp32 and the float32 norm added once (`_fused`): no bf16 output
+BF16_FUSED = Precision("bf16", torch.bfloat16, BF16_U, U32)
 
 
 def _fp32_gemm(device: torch.device) -> Precision:
