@@ -73,7 +73,7 @@ def test_bf16_leftovers_go_to_fp32(rng, scan_style):
     """Queries bf16 cannot prove (clustered codes) are scanned again in fp32, and exact."""
     xq, xb = hard_datasets(rng)["clustered"]
     stats: Counter[str] = Counter()
-    I = knn(xq, xb, 1, precision="bf16", stats=stats)[1]
+    I = knn(xq, xb, 1, device="cpu", precision="bf16", stats=stats)[1]
     np.testing.assert_array_equal(I, brute_force(xq, xb, 1, "l2")[1])
     assert stats["bf16 k=1 proven"] < stats["bf16 k=1 scanned"] == len(xq)
     assert stats["fp32 k=1 scanned"] == len(xq) - stats["bf16 k=1 proven"]
@@ -116,7 +116,8 @@ def test_auto_remembers_per_bank_that_bf16_fails(rng, tmp_path, monkeypatch, sca
     for _ in range(_precision.PROBE_EVERY + 1):
         stats: Counter[str] = Counter()
         monkeypatch.setattr(_exact, "_count", lambda s, scan, n, p, st=stats: st.update({scan: n}))
-        np.testing.assert_array_equal(bank.nearest(xq)[1], brute_force(xq, xb, 1, "l2")[1][:, 0])
+        I = bank.nearest(xq, device="cpu")[1]
+        np.testing.assert_array_equal(I, brute_force(xq, xb, 1, "l2")[1][:, 0])
         first.append(next(iter(stats)))
     assert first[0] == "bf16 k=1" and first[1] == "fp32 k=1"
     assert first.count("bf16 k=1") == 2  # the first call and one probe
@@ -159,5 +160,5 @@ def test_search_scratch_stays_under_24_mib(rng, monkeypatch, nq, k):
     monkeypatch.setattr(_exact, "_search_nearest" if k == 1 else "_search_topk", spy)
     monkeypatch.setattr(_workspace, "_pool", [])  # fresh workspaces: nothing from other tests
     xb = rng.standard_normal((40_000, 256)).astype(np.float32)
-    knn(xb[:nq] + 0.1, xb, k)
+    knn(xb[:nq] + 0.1, xb, k, device="cpu")
     assert used and max(used) < 24 << 20

@@ -53,6 +53,7 @@ RERANK_ELEMS = 1 << 16  # float64: 512 KiB chunks, under the service's 1 MiB mma
 GPU_TILE_ELEMS = 1 << 29  # 32768 queries x 16384 rows: few kernels (H200: 2**28 28 ms, 2**29 18)
 GPU_BANK_BLOCK = 16384
 GPU_RERANK_ELEMS = 1 << 24
+FUSED_QUERIES = 1 << 18  # per launch of the fused kernel
 MARGINS = (2, 32)  # kept beyond k by the first scan, then by a retry for unproven queries
 CPU = torch.device("cpu")
 
@@ -66,7 +67,7 @@ def _on_device(xq: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Queries from host memory onto a GPU in one copy (block by block, pageable copies and
     the re-rank's gathers from host memory cost more than the search). Measured on an H200
     for 268 MB: pageable 41 ms, pinned first 12.5 ms (`bench/results/gpu.md`)."""
-    if device.type != "cuda" or xq.device == device:
+    if device.type != "cuda" or xq.device.type != "cpu":
         return xq
     return (xq.pin_memory() if xq.numel() >= 1 << 22 else xq).to(device, non_blocking=True)
 
@@ -94,7 +95,7 @@ def lex_topk(
 
 def _rerank(
     xq: torch.Tensor,
-    which: torch.Tensor,
+    which: torch.Tensor | None,
     rows: torch.Tensor,
     dead: torch.Tensor,
     src: RowSource,
@@ -102,17 +103,17 @@ def _rerank(
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact (D float64, ids) of the k best among the candidate rows (nq, K) of the queries
-    xq[which] (which: (nq,) positions, gathered chunk by chunk rather than copied whole).
-    rows, dead and the results are on `home(src)`."""
+    xq[which] (which: (nq,) positions, gathered chunk by chunk rather than copied whole; None:
+    all of xq). rows, dead and the results are on `home(src)`."""
     nq, kk = rows.shape
     dev = home(src)
     out_d = torch.empty(nq, k, dtype=torch.float64, device=dev)
     out_i = torch.empty(nq, k, dtype=torch.int64, device=dev)
     qc = max(1, (RERANK_ELEMS if dev.type == "cpu" else GPU_RERANK_ELEMS) // max(1, kk * src.d))
-    which = which.to(xq.device)
+    which = None if which is None else which.to(xq.device)
     for i0 in range(0, nq, qc):
         r = rows[i0 : i0 + qc]
-        x = xq[which[i0 : i0 + qc]].to(dev)
+        x = (xq[i0 : i0 + qc] if which is None else xq[which[i0 : i0 + qc]]).to(dev)
         dist = exact64(x, src.take(r), metric).masked_fill_(dead[i0 : i0 + qc], math.inf)
         if kk == 1:  # the proven nearest: nothing to order
             out_d[i0 : i0 + qc], out_i[i0 : i0 + qc] = dist, src.ids(r)
@@ -280,6 +281,9 @@ def _search_nearest(
         dtype = prec.dtype if device.type == "cuda" else torch.float32
         blocks = prepared_blocks(src, bs_b, metric, center, device, dtype, ws)
         fused = _fused.bank_operand(blocks, src.n, src.d, metric, dtype, device)
+        # No tile to bound: one launch for up to 2**18 queries (2048 programs: many waves of
+        # the GPU's SMs, no ragged last wave of a small launch).
+        bs_q = min(nq, FUSED_QUERIES)
     for i0 in range(0, nq, bs_q):
         x = xq[i0 : i0 + bs_q]
         xs = prepare(x.to(device), metric, center, ws.get("xs", x.shape, device=device))
@@ -300,15 +304,20 @@ def _search_nearest(
             proven = float((s.double() > b.double() + e2[i0 : i0 + bs_q]).float().mean())
             if proven < WORTH_IT:
                 prec = fp32
-    ok = (second.double() > best.double() + e2).cpu()  # the one sync of a GPU search
+    ok_dev = second.double() > best.double() + e2
+    ok = ok_dev.cpu()  # the one sync of a GPU search
     low = torch.zeros(nq, dtype=torch.bool)  # scanned in a precision coarser than fp32
     for (i0, p), end in zip(used, [i for i, _ in used[1:]] + [nq], strict=True):
         n_ok = int(ok[i0:end].sum())
         _count(stats, f"{p.name} k=1", end - i0, n_ok)
         record(hints, p, 1, n_ok / (end - i0))
         low[i0:end] = p.u_in > fp32.u_in
-    which = ok.nonzero()[:, 0]
-    rows = arg.to(dev)[which.to(dev)].unsqueeze(1)
+    if bool(ok.all()):  # the usual case: no gathers, no index copies
+        rows = arg.to(dev).unsqueeze(1)
+        d1, i1 = _rerank(xq, None, rows, torch.zeros_like(rows, dtype=torch.bool), src, metric, 1)
+        return d1[:, 0], i1[:, 0]
+    which = ok_dev.nonzero()[:, 0]
+    rows = arg[which].to(dev).unsqueeze(1)
     d1, i1 = _rerank(xq, which, rows, torch.zeros_like(rows, dtype=torch.bool), src, metric, 1)
     out = (
         torch.empty(nq, dtype=torch.float64, device=dev),

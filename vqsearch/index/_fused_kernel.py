@@ -29,13 +29,12 @@ def nearest_kernel(
         y = tl.load(y_ptr + rn[:, None] * D + rk[None, :], mask=rn[:, None] < nb, other=0.0)
         bias = tl.load(bias_ptr + rn, mask=rn < nb, other=float("inf"))
         s = tl.dot(x, tl.trans(y)) + bias[None, :]
-        m = tl.min(s, axis=1)
-        # the first column holding the minimum, and the best of the others
-        j = tl.min(tl.where(s == m[:, None], rn[None, :], nb + BLOCK_N), axis=1)
-        m2 = tl.min(tl.where(rn[None, :] == j[:, None], float("inf"), s), axis=1)
+        # the minimum and its first column in one reduction, then the best of the others
+        m, j = tl.min(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        m2 = tl.min(tl.where(tl.arange(0, BLOCK_N)[None, :] == j[:, None], float("inf"), s), 1)
         hot = m < best  # ties with an earlier block keep the earlier row
         second = tl.where(hot, tl.minimum(best, m2), tl.minimum(second, m))
-        arg = tl.where(hot, j, arg)
+        arg = tl.where(hot, n0 + j, arg)
         best = tl.where(hot, m, best)
     keep = rm < nq
     tl.store(best_ptr + rm, best, mask=keep)
