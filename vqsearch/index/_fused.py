@@ -30,10 +30,10 @@ from ._validate import Metric
 MAX_D = 512  # a block of queries stays resident: (BLOCK_M, d) bf16 per program
 # BLOCK_M queries resident, BLOCK_N bank rows per step; shared memory holds the queries and
 # num_stages row blocks (228 KiB on an H100/H200).
-# Measured on an H200 (bench/gpu.py, 262,144 queries x 16384 x 256): (128, 64, 4 warps, 3
-# stages) 15.7 ms, (128, 64, 8, 3) 14.5, (128, 128, 8, 2) 14.2, (64, 128, 4, 3) 18.6,
-# (256, 64, 8, 2) 15.9, (128, 32, 4, 4) 22.7.
-CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+# Measured on an H200 (bench/results/gpu.md: 262,144 queries x 16384 x 256, whole search):
+# (BLOCK_M, BLOCK_N, warps, stages) = (128, 64, 4, 3) 12.1 ms, (128, 64, 8, 3) 10.8,
+# (128, 128, 8, 2) 10.4, (64, 128, 4, 3) 12.1, (256, 64, 8, 2) 9.9, (128, 32, 4, 4) 16.0.
+CONFIG: dict[str, int] = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
 @functools.cache
