@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from schemathesis import checks
 
 from tests.service.conftest import CODEBOOK, Server
+from vqsearch.service._wire import npy_bytes
 
 # What the issue asks of the fuzz run: no server errors, and answers as documented. (Whether
 # a loosely-typed body the schema allows is accepted is not asked: bodies are validated by code.)
@@ -143,3 +144,23 @@ def test_npz_bomb_is_refused_before_inflating(live):
         zf.writestr("queries.npy", b"\0" * (300 << 20))
     r = _post(live.url, buf.getvalue(), "application/x-npz")
     assert r.status_code == 413
+
+
+@given(
+    shape=st.lists(st.integers(0, 4), max_size=4).map(tuple),
+    dtype=st.sampled_from(["<f4", ">f8", "<f2", "<i8", "<i4", "|i1", "<u2", "|b1"]),
+    fortran=st.booleans(),
+)
+@settings(max_examples=100, deadline=None)
+def test_npy_answers_are_what_np_save_writes(shape, dtype, fortran):
+    """The server's own .npy writer: np.save's bytes for C-ordered arrays, and any array
+    (Fortran-ordered, 0-d, empty) loads back equal."""
+    a = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape).astype(dtype)
+    a = np.asfortranarray(a) if fortran else a
+    got = npy_bytes(a)
+    back = np.load(io.BytesIO(got), allow_pickle=False)
+    assert back.dtype == a.dtype and back.shape == a.shape and np.array_equal(back, a)
+    if a.flags.c_contiguous:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        assert got == buf.getvalue()

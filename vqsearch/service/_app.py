@@ -149,8 +149,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(AdmissionMiddleware, max_inflight=settings.max_inflight)
     app.add_middleware(ObserveMiddleware, metrics=app.state.metrics)
+    # The hot routes first: a request is matched against the routes in order.
+    app.include_router(query.router)
     app.include_router(health.router)
     app.include_router(banks.router)
-    app.include_router(query.router)
     app.include_router(tradeoff.router)
     return app

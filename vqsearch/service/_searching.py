@@ -71,12 +71,19 @@ class Batcher:
     """Coalesces concurrent requests with the same key (bank, setting, k) until `max_rows`
     query rows are waiting or the first has waited `max_wait` seconds, then runs one search
     and hands each request its rows back. Requests of `max_rows` or more go straight through;
-    `max_rows = 0` turns batching off."""
+    `max_rows = 0` turns batching off.
+
+    A batch past its `max_wait` whose search could not start anyway (every search thread busy)
+    stays open and keeps gathering until a thread frees up: under load, batches grow to fill
+    the time a search takes, instead of queueing as many small searches (each of which reads
+    the whole bank: the server's CPU went to those, not to requests)."""
 
     def __init__(self, max_rows: int, max_wait: float, threads: int = SEARCH_THREADS) -> None:
-        self.max_rows, self.max_wait = max_rows, max_wait
+        self.max_rows, self.max_wait, self.threads = max_rows, max_wait, threads
         self.open: dict[tuple[Any, ...], _Batch] = {}
         self.waiting_rows = 0  # the queue depth /metrics reports
+        self.running = 0  # searches under way (batched ones)
+        self.changed = asyncio.Event()  # a search ended, or a batch filled up
         # Searches run on a few threads of their own, not on anyio's pool of 40: every thread
         # that runs torch keeps an OpenMP team, oneDNN scratch and a malloc arena (measured:
         # RSS +500 MB in 45 s of mixed load with the shared pool), and each search already
@@ -103,6 +110,7 @@ class Batcher:
         if batch.rows >= self.max_rows:
             self.open.pop(key, None)  # later arrivals start a new batch
             batch.full.set()
+            self.changed.set()
         return await fut
 
     async def _flush(
@@ -110,9 +118,13 @@ class Batcher:
     ) -> None:
         with contextlib.suppress(asyncio.TimeoutError):  # not the builtin on Python 3.10
             await asyncio.wait_for(batch.full.wait(), self.max_wait)
+        while self.running >= self.threads and not batch.full.is_set():
+            self.changed.clear()
+            await self.changed.wait()
         if self.open.get(key) is batch:
             del self.open[key]
         self.waiting_rows -= batch.rows
+        self.running += 1
         try:
             D, I = await self._search(fn, np.concatenate(batch.parts))
         except Exception as exc:  # every waiter gets the failure; none hangs
@@ -120,6 +132,9 @@ class Batcher:
                 if not fut.done():
                     fut.set_exception(exc)
             return
+        finally:
+            self.running -= 1
+            self.changed.set()
         i0 = 0
         for part, fut in zip(batch.parts, batch.waiters, strict=True):
             if not fut.done():

@@ -137,6 +137,20 @@ def _jsonable(a: np.ndarray) -> Any:
     return a.tolist()
 
 
+def npy_bytes(a: np.ndarray) -> bytes:
+    """`np.save`'s bytes for a plain numeric array, without its file machinery (~45 us of a
+    one-vector request): format 1.0, the header padded to 64 bytes as numpy pads it."""
+    if a.dtype.kind not in "biuf" or a.dtype.hasobject:
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        return buf.getvalue()
+    a = a if a.flags.c_contiguous else a.copy(order="C")
+    header = f"{{'descr': '{a.dtype.str}', 'fortran_order': False, 'shape': {a.shape}, }}"
+    pad = 64 - (10 + len(header) + 1) % 64
+    head = header + " " * (pad % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head.encode() + a.tobytes()
+
+
 def respond(
     request: Request,
     arrays: dict[str, np.ndarray],
@@ -147,8 +161,7 @@ def respond(
     if wants_binary(request):
         buf = io.BytesIO()
         if len(arrays) == 1:
-            np.save(buf, next(iter(arrays.values())), allow_pickle=False)
-            kind = NPY
+            return Response(npy_bytes(next(iter(arrays.values()))), media_type=NPY, headers=headers)
         else:
             np.savez(buf, allow_pickle=False, **arrays)
             kind = NPZ

@@ -45,5 +45,5 @@ async def metrics(
     """Requests and latency per route and status, search batch sizes, rows searched, and per
     bank: vectors, bytes, index build progress, code perplexity and dead codes."""
     if not settings.metrics_public:
-        await authorize(request, settings, authorization)
+        await authorize(request, authorization)
     return Response(generate_latest(request.app.state.metrics.prom), media_type=CONTENT_TYPE_LATEST)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from .._deps import VERSION_HEADER, Authorized, EntryDep, SettingsDep
+from .._deps import VERSION_HEADER, Authorized, EntryDep
 from .._errors_doc import ARRAYS, ERRORS
-from .._params import DecodeParams, NearestParams, SearchParams, array_field, body_doc
+from .._params import (
+    DecodeParams,
+    NearestParams,
+    SearchParams,
+    array_field,
+    body_doc,
+    from_query,
+    query_doc,
+)
 from .._registry import Entry
 from .._searching import run_query
 from .._settings import Settings
@@ -56,17 +64,18 @@ def _axis(axis: int | None, ndim: int) -> int:
     summary="Top-k neighbours of each query",
     openapi_extra=body_doc(
         {"queries": "(nq, d) numbers", "k": "int", "mode": "exact|approx"}, "queries"
-    ),
+    )
+    | query_doc(SearchParams),
 )
 async def search(
     request: Request,
     entry: EntryDep,
-    settings: SettingsDep,
-    params: Annotated[SearchParams, Query()],
 ) -> Response:
     """Answers `ids` (nq, k) int64 and `distances` (nq, k) float32 (l2: squared distances,
     ip and cosine: similarities), nearest first; as JSON or an `.npz` of the two arrays. In
     approx mode an id of -1 (distance null in JSON) means fewer than k were found."""
+    settings = request.app.state.settings
+    params = from_query(SearchParams, request)
     body = await decode(request, settings.max_body_bytes, "queries")
     p = params.merged(body, ("queries",))
     xq = array_field(body, "queries")
@@ -118,17 +127,18 @@ def _finish_nearest(
     summary="Nearest code of every vector (vector-quantizer tokenization)",
     openapi_extra=body_doc(
         {"queries": "(..., d) numbers, or (B, C, H, W) with channel_axis=1"}, "queries"
-    ),
+    )
+    | query_doc(NearestParams),
 )
 async def nearest(
     request: Request,
     entry: EntryDep,
-    settings: SettingsDep,
-    params: Annotated[NearestParams, Query()],
 ) -> Response:
     """`codes` keep the leading shape: (..., d) -> (...); with `channel_axis` that axis is the
     vector axis, so (B, C, H, W) -> (B, H, W). Optionally `quantized` (z_q, the input's layout)
     and `errors` (||z - z_q||^2, float32). One array answers as `.npy`, several as `.npz`."""
+    settings = request.app.state.settings
+    params = from_query(NearestParams, request)
     body = await decode(request, settings.max_body_bytes, "queries")
     p = params.merged(body, ("queries",))
     z = array_field(body, "queries")
@@ -157,16 +167,17 @@ def _decode(entry: Entry, codes: np.ndarray, p: DecodeParams) -> np.ndarray:
     "/{name}/decode",
     responses={200: ARRAYS},
     summary="Codes of any shape back to their vectors",
-    openapi_extra=body_doc({"codes": "integer ids of any shape"}, "codes"),
+    openapi_extra=body_doc({"codes": "integer ids of any shape"}, "codes")
+    | query_doc(DecodeParams),
 )
 async def decode_codes(
     request: Request,
     entry: EntryDep,
-    settings: SettingsDep,
-    params: Annotated[DecodeParams, Query()],
 ) -> Response:
     """`vectors` of shape codes.shape + (d,), or with `channel_axis` the d axis put there
     ((B, H, W) codes with channel_axis=1 -> (B, d, H, W) latents). Unknown codes: 422."""
+    settings = request.app.state.settings
+    params = from_query(DecodeParams, request)
     body = await decode(request, settings.max_body_bytes, "codes")
     p = params.merged(body, ("codes",))
     codes = array_field(body, "codes")
