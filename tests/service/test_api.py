@@ -163,6 +163,15 @@ async def test_delete_bank(api):
         ("/v1/banks/cb/search", {"json": {"queries": [[0.0] * 16], "mode": "fast"}}, 422, "mode"),
         ("/v1/banks/cb/search", {"json": {"k": 1}}, 422, "queries"),
         ("/v1/banks/cb/search", {"json": {"queries": [[0.0] * 16], "wrong": 1}}, 422, "wrong"),
+        ("/v1/banks/cb/search?k=0", {"json": {"queries": [[0.0] * 16]}}, 422, "k"),
+        ("/v1/banks/cb/search?bogus=1", {"json": {"queries": [[0.0] * 16]}}, 422, "bogus"),
+        (
+            "/v1/banks/cb/nearest?codes_dtype=int8",
+            {"json": {"queries": [[0.0] * 16]}},
+            422,
+            "int16",
+        ),
+        ("/v1/banks/cb/decode?channel_axis=x", {"json": {"codes": [1]}}, 422, "channel_axis"),
         (
             "/v1/banks/cb/search",
             {"content": b"x", "headers": {"content-type": "text/plain"}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from tests.conftest import brute_force
 from tests.service.conftest import CODEBOOK, app_client
 from vqsearch.index import Bank
+from vqsearch.service._searching import Batcher
 
 
 async def _concurrent_singles(api, rng, n: int):
@@ -75,3 +77,30 @@ async def test_a_bad_request_does_not_spoil_the_batch(settings, rng):
         assert statuses == [200] * 5 + [422, 422] + [200] * 5
         assert [r.json()["ids"][0][0] for r in rs if r.status_code == 200] == list(range(10))
         assert "vqsearch_batch_queue_rows 0.0" in (await api.get("/metrics")).text
+
+
+async def test_batches_keep_gathering_while_every_search_thread_is_busy():
+    """Past max_wait, requests whose search could not start anyway (the one search thread is
+    busy) join one batch rather than queue as several small searches."""
+    batcher = Batcher(max_rows=100, max_wait=0.001, threads=1)
+    calls: list[int] = []
+    release = threading.Event()
+
+    def search(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(xs))
+        if len(calls) == 1:
+            release.wait(10)
+        return xs[:, :1], xs[:, :1].astype(np.int64)
+
+    first = asyncio.ensure_future(batcher.run("k", np.zeros((1, 4), np.float32), search))
+    await asyncio.sleep(0.02)  # the first batch is searching now, and holds the thread
+    later = []
+    for i in range(5):  # each arrives well past the previous one's max_wait
+        x = np.full((1, 4), i + 1, np.float32)
+        later.append(asyncio.ensure_future(batcher.run("k", x, search)))
+        await asyncio.sleep(0.01)
+    release.set()
+    await first
+    answers = await asyncio.gather(*later)
+    assert calls == [1, 5]
+    assert [float(D[0, 0]) for D, _ in answers] == [1, 2, 3, 4, 5]
