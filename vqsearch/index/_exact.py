@@ -309,12 +309,6 @@ def _search_nearest(
             if proven < WORTH_IT:
                 prec = fp32
     ok_dev = second.double() > best.double() + e2
-    # Every query's best row re-ranked before knowing which are proven: on a GPU these
-    # launches overlap the scan still running, and the usual case (all proven) is then done.
-    # The unproven are searched again below and overwritten.
-    rows = arg.to(dev).unsqueeze(1)
-    d1, i1 = _rerank(xq, None, rows, torch.zeros_like(rows, dtype=torch.bool), src, metric, 1)
-    out = (d1[:, 0], i1[:, 0])
     ok = ok_dev.cpu()  # the one sync of a GPU search
     low = torch.zeros(nq, dtype=torch.bool)  # scanned in a precision coarser than fp32
     for (i0, p), end in zip(used, [i for i, _ in used[1:]] + [nq], strict=True):
@@ -322,6 +316,18 @@ def _search_nearest(
         _count(stats, f"{p.name} k=1", end - i0, n_ok)
         record(hints, p, 1, n_ok / (end - i0))
         low[i0:end] = p.u_in > fp32.u_in
+    if bool(ok.all()):  # the usual case: no gathers, no index copies
+        rows = arg.to(dev).unsqueeze(1)
+        d1, i1 = _rerank(xq, None, rows, torch.zeros_like(rows, dtype=torch.bool), src, metric, 1)
+        return d1[:, 0], i1[:, 0]
+    which = ok_dev.nonzero()[:, 0]
+    rows = arg[which].to(dev).unsqueeze(1)
+    d1, i1 = _rerank(xq, which, rows, torch.zeros_like(rows, dtype=torch.bool), src, metric, 1)
+    out = (
+        torch.empty(nq, dtype=torch.float64, device=dev),
+        torch.empty(nq, dtype=torch.int64, device=dev),
+    )
+    _put(out, which, (d1[:, 0], i1[:, 0]))
     # The unproven of all blocks together: one more scan, not one per block.
     if bool((~ok & low).any()):
         idx = (~ok & low).nonzero()[:, 0]

@@ -104,9 +104,8 @@ def nearest(
     """Write the best score, second best score (float32) and row (int64) of every prepared
     query xs (nq, d) into best, second, arg (nq,)."""
     nq, d = xs.shape
-    x = torch.empty(nq, bank.y.shape[1], dtype=bank.y.dtype, device=xs.device)
+    x = torch.zeros(nq, bank.y.shape[1], dtype=bank.y.dtype, device=xs.device)
     torch.mul(xs, -2.0 if metric == "l2" else -1.0, out=x[:, :d])
-    x[:, d:] = 0.0
     rows = torch.empty(nq, dtype=torch.int32, device=xs.device)
     cfg = config or CONFIG
     grid = (-(-nq // cfg["BLOCK_M"]),)
