@@ -67,7 +67,11 @@ class Settings(BaseSettings):
         "many rows (0: off)",
     )
     batch_max_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="micro-batching: longest a query waits for company"
+        2.0,
+        ge=0,
+        le=1000,
+        description="micro-batching: how long a query waits for company when a search thread "
+        "is free (while every one is busy, its batch keeps gathering)",
     )
     log_level: str = Field("info")
 
