@@ -11,7 +11,7 @@ cosine, with x and y rounded to bf16, products accumulated in fp32 (tensor cores
 float32 bias (squared norm; +inf for dead rows and padding) added once in fp32: the bound of
 `_precision.BF16_FUSED`, half that of a bf16 tile (no bf16 rounding of the scores).
 
-Triton ships with CUDA builds of torch; without it, or for d > MAX_D, the torch scan runs.
+Triton ships with CUDA builds of torch; without it, or for d > MAX_D (256), the torch scan runs.
 The kernel is built on first use (importing triton costs a second), and the CPU tests run it
 under Triton's interpreter (TRITON_INTERPRET=1, float32 operands) where triton is installed.
 """
@@ -27,7 +27,10 @@ import torch
 
 from ._validate import Metric
 
-MAX_D = 512  # a block of queries stays resident: (BLOCK_M, d) bf16 per program
+# A block of queries stays resident, (BLOCK_M, D) bf16 per program: at D = 256 that and two
+# stages of rows take 192 of an H100/H200's 228 KiB of shared memory; wider D would not fit
+# this configuration (and was never run), so wider banks take the torch scan.
+MAX_D = 256
 # BLOCK_M queries resident, BLOCK_N bank rows per step; shared memory holds the queries and
 # num_stages row blocks (228 KiB on an H100/H200).
 # Measured on an H200 (bench/results/gpu.md: 262,144 queries x 16384 x 256, whole search):
