@@ -29,7 +29,7 @@ def media_type(header: str | None) -> str:
     return (header or "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytearray:
     """The whole body, refusing (413) anything over `limit` before reading past it."""
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -47,7 +47,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         # nobody is left to answer; a 4xx keeps it out of the error log and the 5xx count
         raise HTTPException(400, "client disconnected before sending the whole body") from None
-    return b"".join(chunks)
+    # a bytearray: arrays over it are writable, so the .npy path needs no copy of its own
+    return bytearray().join(chunks)
 
 
 # The header numpy writes: a v1.0 dict of one plain dtype, C order, an int shape. numpy parses
@@ -57,7 +58,7 @@ _PLAIN_HEADER = re.compile(
 )
 
 
-def _load_plain_npy(body: bytes) -> np.ndarray | None:
+def _load_plain_npy(body: bytes | bytearray) -> np.ndarray | None:
     """A .npy in numpy's own plain layout, or None (anything else goes through np.load)."""
     if body[:8] != b"\x93NUMPY\x01\x00" or len(body) < 10:
         return None
@@ -70,10 +71,11 @@ def _load_plain_npy(body: bytes) -> np.ndarray | None:
     if len(body) - end < dtype.itemsize * math.prod(shape):
         return None  # short data: np.load says so
     count = math.prod(shape)
-    return np.frombuffer(body, dtype, count, end).reshape(shape).copy()
+    a = np.frombuffer(body, dtype, count, end).reshape(shape)
+    return a if a.flags.writeable and a.flags.aligned else a.copy()
 
 
-def _load_npy(body: bytes) -> np.ndarray:
+def _load_npy(body: bytes | bytearray) -> np.ndarray:
     fast = _load_plain_npy(body)
     if fast is not None:
         return fast
@@ -86,7 +88,7 @@ def _load_npy(body: bytes) -> np.ndarray:
     return a
 
 
-def _load_npz(body: bytes, limit: int) -> dict[str, np.ndarray]:
+def _load_npz(body: bytes | bytearray, limit: int) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as zf:
             if sum(i.file_size for i in zf.infolist()) > limit:
