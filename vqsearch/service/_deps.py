@@ -41,7 +41,7 @@ async def get_entry(
 ) -> Entry:
     """The named bank (404 if none); 412 if `If-Match` names a version it no longer has.
     (The registry and settings are read from app.state here and in `authorize`, not through
-    sub-dependencies: each dependency costs FastAPI some 30 us per request.)"""
+    sub-dependencies: each is one more pass of FastAPI's dependency solver per request.)"""
     entry = request.app.state.registry.get(name)
     if if_match is not None:
         wanted = {v.strip().removeprefix("W/").strip('"') for v in if_match.split(",")}

@@ -75,8 +75,8 @@ class Batcher:
 
     A batch past its `max_wait` whose search could not start anyway (every search thread busy)
     stays open and keeps gathering until a thread frees up: under load, batches grow to fill
-    the time a search takes, instead of queueing as many small searches (each of which reads
-    the whole bank: the server's CPU went to those, not to requests)."""
+    the time a search takes, instead of queueing as many small searches, each of which reads
+    the whole bank."""
 
     def __init__(self, max_rows: int, max_wait: float, threads: int = SEARCH_THREADS) -> None:
         self.max_rows, self.max_wait, self.threads = max_rows, max_wait, threads
