@@ -3,7 +3,7 @@
 The case of the performance issue: a 16384 x 256 codebook and 262,144 queries (a batch of 1024
 VQGAN 16x16 latents), k = 1, through the public `knn` with both on the GPU (D and I come back
 as numpy arrays: the 4 MiB copy to the host is included), and again with the queries coming
-from host memory (the host-to-device copy included). The peak is a 8192^3 bf16 torch GEMM
+from host memory (the host-to-device copy included). The peak is an 8192^3 bf16 torch GEMM
 measured in the same run; the floor of our design is the bf16 GEMM of the scan's own shape,
 also measured. Every answer is checked against a float64 reference computed on the GPU
 (candidates by a float64 expansion, decided by the direct formula; see `reference`).
