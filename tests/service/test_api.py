@@ -403,3 +403,12 @@ async def test_exact_precision_setting_reaches_the_engine(settings, rng, precisi
     np.testing.assert_array_equal(
         np.load(io.BytesIO(r.content)), brute_force(z, CODEBOOK, 1, "l2")[1][:, 0]
     )
+
+
+async def test_query_string_errors_name_where_they_are(api):
+    """A bad query-string parameter is a 422 located at ("query", its name), as FastAPI says."""
+    r = await api.post("/v1/banks/cb/nearest?codes_dtype=int8", json={"queries": [[0.0] * 16]})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", "codes_dtype"]
+    r = await api.post("/v1/banks/cb/search?k=1", json={"queries": [[0.0] * 16]})
+    assert r.status_code == 200

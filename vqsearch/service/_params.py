@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 from fastapi import HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vqsearch.index._validate import as_tensor
 
@@ -85,8 +86,13 @@ def from_query(model: type[P], request: Request) -> P:
     """`model` from the query string in one pydantic call (a bad value: 422 naming it). The
     hot routes call this rather than declare a FastAPI query model, which FastAPI extracts
     and checks field by field, as one more dependency (profiled: FastAPI's dependency solving
-    was about a third of a one-vector request's CPU). `query_doc` documents the parameters."""
-    return model.model_validate(dict(request.query_params))
+    was about a third of a one-vector request's CPU). `query_doc` documents the parameters.
+    Errors carry FastAPI's location, ("query", name)."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False)
+        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in errors]) from exc
 
 
 def query_doc(model: type[BaseModel]) -> dict[str, Any]:
