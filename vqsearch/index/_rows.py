@@ -6,7 +6,7 @@ them out in blocks for the scan, gathers single rows for the re-rank, and maps r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,8 +66,7 @@ class MatrixRows:
             return None
         key = (metric, str(device), str(dtype))
         if key not in self._prepared:
-            yp = prepare(self.xb.to(device), metric, center)
-            self._prepared[key] = (yp.to(dtype), (yp * yp).sum(1), None)
+            self._prepared[key] = (*prepare_whole([self.xb], metric, center, device, dtype), None)
         return self._prepared[key]
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
@@ -101,6 +100,20 @@ def prepare(
     if center is not None:
         return torch.sub(y, center.to(y.device), out=out)
     return y
+
+
+def prepare_whole(
+    blocks: Iterable[torch.Tensor],
+    metric: Metric,
+    center: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole row source prepared once, from its blocks in order: (rows in dtype, float32
+    squared norms), what a `prepared` cache holds."""
+    parts = [prepare(y.to(device), metric, center) for y in blocks]
+    yp = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return yp.to(dtype), (yp * yp).sum(1)
 
 
 # Banks whose prepared copy (centred or normalised float32, plus squared norms) fits in this

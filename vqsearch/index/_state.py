@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._errors import UnknownIdError
-from ._rows import PREPARED_CACHE_BYTES, bank_center, prepare
+from ._rows import PREPARED_CACHE_BYTES, bank_center, prepare_whole
 from ._validate import Metric
 
 
@@ -113,11 +113,10 @@ class State:
             return None
         key = (metric, str(device), str(dtype))
         if key not in self._prepared:
-            yp = torch.cat(
-                [prepare(y.to(device), metric, center) for _, y, _ in self.blocks(1 << 16)]
-            )
+            blocks = (y for _, y, _ in self.blocks(1 << 16))
+            yp, yn = prepare_whole(blocks, metric, center, device, dtype)
             dead = torch.from_numpy(self.dead).to(device) if self.dead.any() else None
-            self._prepared[key] = (yp.to(dtype), (yp * yp).sum(1), dead)
+            self._prepared[key] = (yp, yn, dead)
         return self._prepared[key]
 
     def version(self) -> str:
