@@ -9,10 +9,12 @@ import time
 import httpx
 import numpy as np
 import pytest
+from fastapi import APIRouter, Request
 
 from tests.conftest import brute_force
 from tests.service.conftest import CODEBOOK, app_client, npy
 from vqsearch.index import Bank
+from vqsearch.service._deps import Authorized, EntryDep, EntryRoute
 
 NPY, NPZ = "application/x-npy", "application/x-npz"
 
@@ -310,6 +312,34 @@ async def test_openapi_documents_routes_and_both_formats(api):
         assert p in paths, p
     content = paths["/v1/banks/{name}/search"]["post"]["requestBody"]["content"]
     assert {"application/json", NPY, NPZ} <= set(content)
+
+
+async def test_query_routes_document_name_key_and_version(api):
+    """search, nearest and decode, served without FastAPI's dependency solver, still document
+    the bank name, the API key and If-Match."""
+    paths = (await api.get("/openapi.json")).json()["paths"]
+    for op in ("search", "nearest", "decode"):
+        params = paths[f"/v1/banks/{{name}}/{op}"]["post"]["parameters"]
+        got = {(p["in"], p["name"]) for p in params}
+        assert {("path", "name"), ("header", "authorization"), ("header", "if-match")} <= got
+
+
+def test_an_entry_route_refuses_what_it_would_not_resolve():
+    """An EntryRoute endpoint with another parameter, or without Authorized, fails when built:
+    nothing it declares is silently skipped."""
+    secured = APIRouter(dependencies=Authorized, route_class=EntryRoute)
+    with pytest.raises(TypeError, match="EntryRoute"):
+
+        @secured.post("/{name}/x")
+        async def extra(request: Request, entry: EntryDep, k: int = 1) -> None: ...
+
+    with pytest.raises(TypeError, match="EntryRoute"):
+
+        @APIRouter(route_class=EntryRoute).post("/{name}/y")
+        async def open_(request: Request, entry: EntryDep) -> None: ...
+
+    @secured.post("/{name}/z")
+    async def fine(request: Request, entry: EntryDep) -> None: ...
 
 
 async def test_demo_codebook_on_empty_data_dir(settings):

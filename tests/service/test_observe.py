@@ -10,6 +10,7 @@ import numpy as np
 
 from tests.service.conftest import CODEBOOK
 from vqsearch.service._observe import JsonFormatter
+from vqsearch.service._sampling import Usage
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -72,3 +73,17 @@ async def test_code_usage_perplexity_and_dead_codes(api):
     assert (await api.get("/v1/banks/cb")).json()["usage"]["dead_codes"] == 508
     text = (await api.get("/metrics")).text
     assert _metric(text, "vqsearch_dead_codes", bank="cb") == 508
+
+
+def test_usage_window_keeps_the_last_codes_across_wraps():
+    """The window holds exactly the last `window` codes, whether a call wraps it or not."""
+    usage = Usage(5)
+    served: list[int] = []
+    for codes in ([1, 2], [3], [4, 5, 6], [7], list(range(10, 22)), [30, 31]):
+        usage.record(np.array(codes))
+        served += codes
+        ids, counts = usage.counts()
+        want, n = np.unique(served[-5:], return_counts=True)
+        np.testing.assert_array_equal(ids, want)
+        np.testing.assert_array_equal(counts, n)
+    assert usage.served == len(served)

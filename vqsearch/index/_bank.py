@@ -184,7 +184,7 @@ class Bank:
     @property
     def version(self) -> str:
         """Content hash of the stored rows: equal versions mean equal vectors and ids."""
-        return self._state.version()
+        return self._state.version
 
     @property
     def nbytes(self) -> int:

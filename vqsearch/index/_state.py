@@ -119,7 +119,10 @@ class State:
             self._prepared[key] = (yp, yn, dead)
         return self._prepared[key]
 
+    @functools.cached_property
     def version(self) -> str:
+        """Content hash of the live rows (a snapshot never changes: computed once, not on
+        every answer that carries it)."""
         h = hashlib.sha256()
         for s in self.segments:
             h.update(s.content.encode())

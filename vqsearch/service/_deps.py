@@ -6,15 +6,21 @@ a thread hop per dependency per request (measured: a third of a one-vector reque
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+import inspect
+import re
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, Header, HTTPException, Path, Request
+from fastapi import Depends, Header, HTTPException, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 
 from ._registry import Entry, Registry
 from ._settings import Settings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 VERSION_HEADER = "X-Vqsearch-Bank-Version"
+_NAME = re.compile(NAME_PATTERN)
 
 
 async def get_settings(request: Request) -> Settings:
@@ -92,3 +98,46 @@ async def authorize(
 
 
 Authorized = [Depends(authorize)]
+
+
+async def _entry_of(request: Request) -> Entry:
+    """What `Authorized` and `EntryDep` give a route, checked in the same order."""
+    await authorize(request, request.headers.get("authorization"))
+    name = request.path_params["name"]
+    if _NAME.fullmatch(name) is None:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "string_pattern_mismatch",
+                    "loc": ("path", "name"),
+                    "msg": f"String should match pattern '{NAME_PATTERN}'",
+                    "input": name,
+                }
+            ]
+        )
+    return await get_entry(request, name, request.headers.get("if-match"))
+
+
+class EntryRoute(APIRoute):
+    """A route documented like any other from its declared signature
+    `(request: Request, entry: EntryDep)` and router-level `Authorized`, but served without
+    FastAPI's per-request dependency solver: the handler resolves the entry itself
+    (`_entry_of`: the same checks, answers and order) and calls the endpoint. Profiled under
+    64 one-vector clients, the solver was a sixth of the event loop's time. Declaring any other
+    dependency or parameter is refused when the route is built, so none is silently skipped."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        calls = {d.call for d in self.dependant.dependencies}
+        params = list(inspect.signature(endpoint).parameters)
+        if calls != {authorize, get_entry} or params != ["request", "entry"]:
+            raise TypeError(f"{path}: an EntryRoute takes (request, entry) and Authorized only")
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            response: Response = await endpoint(request, await _entry_of(request))
+            return response
+
+        return handler

@@ -135,6 +135,21 @@ class Metrics:
         )
         queue.set_function(queued_rows)
         self.prom.register(_BankCollector(registry))
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: labels() takes a lock and builds its key on every
+        call, and a labelled child is never dropped anyway."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def searched(self, route: str, bank: str, setting: dict[str, Any], rows: int) -> None:
+        """One search request of `rows` vectors answered by `setting`."""
+        self.child(self.batch, route).observe(rows)
+        self.child(self.rows, bank, setting["spec"]).inc(rows)
 
 
 class ObserveMiddleware:
@@ -168,20 +183,22 @@ class ObserveMiddleware:
             self.metrics.inflight.dec()
             seconds = time.perf_counter() - t0
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route, scope["method"]).observe(seconds)
-            state = scope.get("state") or {}
-            fields = {
-                "request_id": rid,
-                "method": scope["method"],
-                "route": route,
-                "path": scope["path"],
-                "bank": (scope.get("path_params") or {}).get("name"),
-                "status": status,
-                "duration_ms": round(1e3 * seconds, 3),
-                "rows": state.get("rows"),
-            }
-            access_log.info("request", extra={"fields": fields})
+            m = self.metrics
+            m.child(m.requests, route, scope["method"], str(status)).inc()
+            m.child(m.latency, route, scope["method"]).observe(seconds)
+            if access_log.isEnabledFor(logging.INFO):  # not built for a line that is dropped
+                state = scope.get("state") or {}
+                fields = {
+                    "request_id": rid,
+                    "method": scope["method"],
+                    "route": route,
+                    "path": scope["path"],
+                    "bank": (scope.get("path_params") or {}).get("name"),
+                    "status": status,
+                    "duration_ms": round(1e3 * seconds, 3),
+                    "rows": state.get("rows"),
+                }
+                access_log.info("request", extra={"fields": fields})
 
 
 class AdmissionMiddleware:

@@ -50,12 +50,16 @@ class Usage:
         self._lock = threading.Lock()
 
     def record(self, codes: np.ndarray) -> None:
-        c = np.asarray(codes, np.int64).reshape(-1)[-len(self.codes) :]
+        c = np.asarray(codes, np.int64).reshape(-1)
+        n, c = len(c), c[-len(self.codes) :]  # older ones would be overwritten in this call
         with self._lock:
-            idx = (self.pos + np.arange(len(c))) % len(self.codes)
-            self.codes[idx] = c
-            self.pos = int((self.pos + len(c)) % len(self.codes))
-            self.served += len(c)
+            end = self.pos + len(c)
+            if end <= len(self.codes):  # no wrap: one slice, no index array
+                self.codes[self.pos : end] = c
+            else:
+                self.codes[(self.pos + np.arange(len(c))) % len(self.codes)] = c
+            self.pos = end % len(self.codes)
+            self.served += n
 
     def counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, times served) over the window."""

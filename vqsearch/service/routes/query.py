@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from .._deps import VERSION_HEADER, Authorized, EntryDep
+from .._deps import VERSION_HEADER, Authorized, EntryDep, EntryRoute
 from .._errors_doc import ARRAYS, ERRORS
 from .._params import (
     DecodeParams,
@@ -25,7 +26,13 @@ from .._searching import run_query
 from .._settings import Settings
 from .._wire import decode, respond
 
-router = APIRouter(prefix="/v1/banks", tags=["search"], dependencies=Authorized, responses=ERRORS)
+router = APIRouter(
+    prefix="/v1/banks",
+    tags=["search"],
+    dependencies=Authorized,
+    responses=ERRORS,
+    route_class=EntryRoute,
+)
 
 
 def _rows(n: int, settings: Settings) -> None:
@@ -37,9 +44,7 @@ def _rows(n: int, settings: Settings) -> None:
 
 def _observe(request: Request, entry: Entry, rows: int, setting: dict[str, Any]) -> None:
     request.state.rows = rows
-    metrics = request.app.state.metrics
-    metrics.batch.labels(request.scope["route"].path).observe(rows)
-    metrics.rows.labels(entry.name, setting["spec"]).inc(rows)
+    request.app.state.metrics.searched(request.scope["route"].path, entry.name, setting, rows)
 
 
 def _headers(entry: Entry, setting: dict[str, Any]) -> dict[str, str]:
@@ -93,8 +98,11 @@ def _flatten(z: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, int]:
     if z.ndim < 1:
         raise HTTPException(422, "queries must have at least one axis (the vector axis)")
     axis = _axis(channel_axis, z.ndim)
-    zl = np.moveaxis(z, axis, -1)
+    zl = z if axis == z.ndim - 1 else np.moveaxis(z, axis, -1)
     return zl.reshape(-1, zl.shape[-1]), axis
+
+
+_CODE_MAX = {"int16": 2**15 - 1, "int32": 2**31 - 1, "int64": 2**63 - 1}
 
 
 def _finish_nearest(
@@ -106,10 +114,10 @@ def _finish_nearest(
         raise HTTPException(
             409, "the approximate index found no code for some vectors; raise nprobe"
         )
-    top = np.iinfo(p.codes_dtype).max
-    if len(codes) and int(codes.max()) > top:
+    top = _CODE_MAX[p.codes_dtype]
+    if p.codes_dtype != "int64" and len(codes) and int(codes.max()) > top:
         raise HTTPException(422, f"codes_dtype={p.codes_dtype} cannot hold code {int(codes.max())}")
-    lead = np.moveaxis(z, axis, -1).shape[:-1]
+    lead = z.shape[:axis] + z.shape[axis + 1 :]
     out = {"codes": codes.astype(p.codes_dtype).reshape(lead)}
     if p.return_quantized or p.return_error:
         zq = entry.bank.get(codes)
@@ -142,7 +150,7 @@ async def nearest(
     body = await decode(request, settings.max_body_bytes, "queries")
     p = params.merged(body, ("queries",))
     z = array_field(body, "queries")
-    _rows(int(np.prod(z.shape[:-1])) if z.ndim else 1, settings)
+    _rows(math.prod(z.shape[:-1]) if z.ndim else 1, settings)
     flat, axis = _flatten(z, p.channel_axis)
     _, I, setting = await run_query(request.app.state, entry, flat, p, 1, "recall_1_at_1")
     if p.return_quantized or p.return_error:  # gathers and float64 sums: off the event loop
