@@ -7,8 +7,10 @@ import logging
 import re
 
 import numpy as np
+import pytest
+from opentelemetry import trace
 
-from tests.service.conftest import CODEBOOK
+from tests.service.conftest import CODEBOOK, app_client
 from vqsearch.service._observe import JsonFormatter
 from vqsearch.service._sampling import Usage
 
@@ -87,3 +89,25 @@ def test_usage_window_keeps_the_last_codes_across_wraps():
         np.testing.assert_array_equal(ids, want)
         np.testing.assert_array_equal(counts, n)
     assert usage.served == len(served)
+
+
+class _RecordingProvider(trace.TracerProvider):
+    """A tracer provider that counts the tracers asked of it."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def get_tracer(self, *args: object, **kwargs: object) -> trace.Tracer:
+        self.asked += 1
+        return trace.NoOpTracer()
+
+
+@pytest.mark.parametrize("otel", [False, True])
+async def test_opentelemetry_only_when_asked(settings, monkeypatch, otel):
+    """VQSEARCH_OTEL=1 hands requests to a configured OpenTelemetry provider; by default the
+    app never consults one."""
+    provider = _RecordingProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    async with app_client(settings.model_copy(update={"otel": otel})) as api:
+        assert (await api.get("/healthz")).status_code == 200
+    assert (provider.asked > 0) == otel

@@ -131,10 +131,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 follow.cancel()
             registry.close()
 
+    otel = settings.otel
     app = FastAPI(
         title="vqsearch",
         version=__version__,
         lifespan=lifespan,
+        telemetry={"tracing": otel, "metrics": otel, "logs": otel},
         description=(
             "Nearest-neighbour search for codebooks and embedding banks. Bodies are JSON "
             "(nested lists) or NumPy binary: one `.npy` array (`application/x-npy`) or several "
