@@ -36,7 +36,7 @@ def serve(
         "VQSEARCH_LOG_LEVEL": "warning",
         **env,
     }
-    proc = subprocess.Popen([sys.executable, *(os.environ.get("VQ_SERVE_CMD", "-m vqsearch serve").split()), *(args or [])], env=full)
+    proc = subprocess.Popen([sys.executable, "-m", "vqsearch", "serve", *(args or [])], env=full)
     for _ in range(600):
         try:
             httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).raise_for_status()

@@ -24,14 +24,17 @@ def brute_force(
     return (D if metric == "l2" else -D), I
 
 
-@pytest.fixture(params=["cpu-style", "gpu-style"])
+@pytest.fixture(params=["cpu-style", "cpu-row-major", "gpu-style"])
 def scan_style(request, monkeypatch) -> bool:
     """Runs a test with the scan in each style (`vqsearch.index._scan`): the GPU style's fixed
-    shapes, norm column and single sync are checked on the CPU too, where CI runs."""
-    from vqsearch.index import _exact
+    shapes, norm column and single sync are checked on the CPU too, where CI runs; the CPU
+    style with small fp32 query blocks bank-major (its default) and row-major."""
+    from vqsearch.index import _exact, _scan
 
     gpu = request.param == "gpu-style"
     monkeypatch.setattr(_exact, "gpu_style", lambda device: gpu)
+    if request.param == "cpu-row-major":
+        monkeypatch.setattr(_scan, "BANK_MAJOR_QUERIES", 0)
     return gpu
 
 

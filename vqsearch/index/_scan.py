@@ -30,6 +30,10 @@ from ._workspace import Workspace
 
 SLABS = 8  # k = 1: groups of 8 strided columns
 TOPK_SLABS = 32
+# fp32 CPU tiles of at most this many queries are computed bank-major: MKL's GEMM runs
+# y (nbk, d) @ x.T (d, bq) 1.2-2x faster than x @ y.T when bq is small (4..256 queries
+# against 8192 rows, 2 cores: bench/results/exact_small.md)
+BANK_MAJOR_QUERIES = 256
 
 
 def gpu_style(device: torch.device) -> bool:
@@ -77,17 +81,26 @@ def tiles(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(r0, score tile (bq, nbk) in prec.dtype) over the bank, dead rows at +inf; each tile is
     valid until the next is yielded (they share a buffer). Updates radius2 (0-d float32) in
-    place to the largest squared norm of a prepared row."""
+    place to the largest squared norm of a prepared row. A tile of few fp32 queries on a CPU
+    is the transposed view of a bank-major (nbk, bq) product (`BANK_MAJOR_QUERIES`)."""
     bq, d = xs.shape
     xg = _queries_for_gemm(xs, metric, prec, gpu, ws)
     bqp = xg.shape[0]
+    bank_major = not gpu and xg.dtype == torch.float32 and 1 < bqp <= BANK_MAJOR_QUERIES
     # One buffer for every tile of the scan: fresh 8-32 MiB tiles would each be page-faulted in.
     buf = ws.get("tile", (bqp * bs_b,), prec.dtype, xs.device)
     for r0, yp, yn, dead in prepared_blocks(src, bs_b, metric, center, xs.device, prec.dtype, ws):
         if yn.numel():
             torch.maximum(radius2, yn.max(), out=radius2)
         full = buf[: bqp * yp.shape[0]].view(bqp, yp.shape[0])
-        if gpu and metric == "l2":
+        if bank_major:
+            full_t = buf[: bqp * yp.shape[0]].view(yp.shape[0], bqp)
+            if metric == "l2":
+                torch.addmm(yn.unsqueeze(1), yp, xg.T, beta=1.0, alpha=-2.0, out=full_t)
+            else:
+                torch.mm(yp, xg.T, out=full_t).neg_()
+            full = full_t.T
+        elif gpu and metric == "l2":
             ya = ws.get("rows aug", (yp.shape[0], xg.shape[1]), prec.dtype, xs.device)
             ya[:, :d].copy_(yp)
             ya[:, d].copy_(yn)
@@ -106,10 +119,19 @@ def tiles(
         yield r0, tile
 
 
+def bank_major(tile: torch.Tensor) -> bool:
+    """Whether the (bq, w) tile is the transposed view of a contiguous (w, bq) product."""
+    return not tile.is_contiguous() and tile.T.is_contiguous()
+
+
 def group_min(tile: torch.Tensor, ng: int, out: torch.Tensor) -> torch.Tensor:
     """(bq, ng) minimum of each strided column group {j, j + ng, ...} of the tile; out is a
     scratch buffer of at least bq x max(ng, w / 2) elements."""
     bq, w = tile.shape
+    if w % ng == 0 and bank_major(tile):
+        # the groups are rows of the (w, bq) product: a reduction over its leading axis
+        g = out.view(-1)[: ng * bq].view(ng, bq)
+        return torch.amin(tile.T.view(w // ng, ng, bq), 0, out=g).T
     if w % ng == 0 and (ng >= 64 or tile.dtype == torch.float32):
         # A reduction over the middle axis: vectorised along the rows, about 2x the halving.
         return torch.amin(tile.view(bq, w // ng, ng), 1, out=out.view(-1)[: bq * ng].view(bq, ng))
@@ -138,8 +160,11 @@ def member_scores(
     cols = groups.unsqueeze(-1) + ng * torch.arange(-(-w // ng), device=groups.device)
     absent = (cols >= w).reshape(len(qs), -1)
     cols = cols.clamp_max(w - 1).reshape(len(qs), -1)
-    vals = torch.take(tile, qs.unsqueeze(1) * w + cols).float().masked_fill_(absent, math.inf)
-    return vals, cols
+    if bank_major(tile):  # tile[q, c] is element c * bq + q of the (w, bq) product
+        flat = torch.take(tile.T, cols * tile.shape[0] + qs.unsqueeze(1))
+    else:
+        flat = torch.take(tile, qs.unsqueeze(1) * w + cols)
+    return flat.float().masked_fill_(absent, math.inf), cols
 
 
 def _best_in_tile(
