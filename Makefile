@@ -28,6 +28,7 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/exact.py --out bench/results/exact.md
+	$(BIN)/python bench/small.py --out bench/results/exact_small.md
 	$(BIN)/python bench/tradeoff.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/serving.py
