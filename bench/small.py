@@ -3,10 +3,12 @@
 bank-major (the default for fp32 blocks of up to `BANK_MAJOR_QUERIES` queries) and row-major.
 
 Per batch size: the median wall time of each, ours / faiss (<= 1.0: at least as fast), and
-bank-major / row-major. Calls run in runs of calls / 2 per contender, twice over, each run after an
-untimed call: timed right after the other library's call, faiss and torch each find the cores
-busy with the other's spinning threads (measured: faiss 4x slower at 256 queries). Every answer of
-ours is checked against the other layout's (both are exact: equal float64 brute force).
+bank-major / row-major. Each contender runs calls / 2 timed calls after an untimed one (a call
+right after the other library's finds the cores busy with its spinning threads), twice over, the
+second time in reverse order. The ids of each layout's last call are compared (both layouts are
+exact: equal float64 brute force, see tests/). For 1 query both layouts run the same code: their
+ratio there shows the noise. faiss' own time jumps between 16 and 256 queries (about 4x its
+per-query time at 512, also when run alone): the ratios there compare against that slower path.
 
     python bench/small.py [--calls 40] [--out bench/results/exact_small.md]
 """
@@ -70,8 +72,9 @@ def main() -> None:
             }
             times: dict[str, list[float]] = {key: [] for key in runs}
             out = {}
-            for _ in range(2):
-                for key, fn in runs.items():
+            for order in (list(runs), list(runs)[::-1]):
+                for key in order:
+                    fn = runs[key]
                     fn()  # the other library's threads may still spin: not timed
                     for _ in range(args.calls // 2):
                         t0 = time.perf_counter()

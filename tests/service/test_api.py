@@ -9,12 +9,14 @@ import time
 import httpx
 import numpy as np
 import pytest
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from tests.conftest import brute_force
 from tests.service.conftest import CODEBOOK, app_client, npy
 from vqsearch.index import Bank
+from vqsearch.service import _deps, create_app
 from vqsearch.service._deps import Authorized, EntryDep, EntryRoute
+from vqsearch.service.routes import query
 
 NPY, NPZ = "application/x-npy", "application/x-npz"
 
@@ -340,6 +342,50 @@ def test_an_entry_route_refuses_what_it_would_not_resolve():
 
     @secured.post("/{name}/z")
     async def fine(request: Request, entry: EntryDep) -> None: ...
+
+
+async def test_entry_routes_run_what_fastapi_would_add(settings, monkeypatch, tmp_path):
+    """Dependencies added where the query router is included, dependency overrides and
+    VQSEARCH_OTEL send requests through FastAPI's own handler: nothing declared is skipped."""
+
+    async def gate() -> None:
+        raise HTTPException(418, "gated")
+
+    async def no_bank() -> None:
+        raise HTTPException(404, "overridden")
+
+    fast: list[int] = []
+    entry_of = _deps._entry_of
+    monkeypatch.setattr(_deps, "_entry_of", lambda request: fast.append(1) or entry_of(request))
+    body = {"queries": CODEBOOK[:1].tolist()}
+    for otel in (False, True):
+        app = create_app(
+            settings.model_copy(update={"otel": otel, "data_dir": tmp_path / str(otel)})
+        )
+        app.include_router(query.router, prefix="/gated", dependencies=[Depends(gate)])
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+                assert (await c.put("/v1/banks/cb", json={"vectors": CODEBOOK.tolist()})).is_success
+                fast.clear()
+                assert (await c.post("/v1/banks/cb/nearest", json=body)).status_code == 200
+                assert fast == ([] if otel else [1])
+                r = await c.post("/gated/v1/banks/cb/nearest", json=body)
+                assert r.status_code == 418
+                app.dependency_overrides[_deps.get_entry] = no_bank
+                r = await c.post("/v1/banks/cb/search", json=body)
+                assert (r.status_code, r.json()["detail"]) == (404, "overridden")
+
+
+async def test_nearest_counts_vectors_along_the_channel_axis(settings):
+    """VQSEARCH_MAX_QUERIES counts vectors: (B, C, H, W) with channel_axis=1 holds B*H*W."""
+    async with app_client(settings.model_copy(update={"max_queries": 8})) as api:
+        assert (await api.put("/v1/banks/cb", json={"vectors": CODEBOOK[:8].tolist()})).is_success
+        z = np.moveaxis(CODEBOOK[:8].reshape(2, 2, 2, 16), -1, 1)  # (2, 16, 2, 2): 8 vectors
+        r = await api.post("/v1/banks/cb/nearest?channel_axis=1", json={"queries": z.tolist()})
+        assert r.status_code == 200 and r.json()["codes"] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+        r = await api.post("/v1/banks/cb/nearest", json={"queries": CODEBOOK[:9].tolist()})
+        assert r.status_code == 422 and "limit of 8" in r.json()["detail"]
 
 
 async def test_demo_codebook_on_empty_data_dir(settings):

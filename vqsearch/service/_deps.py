@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
+import fastapi.routing
 from fastapi import Depends, Header, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -118,25 +119,49 @@ async def _entry_of(request: Request) -> Entry:
     return await get_entry(request, name, request.headers.get("if-match"))
 
 
+def _dependency_calls(route: Any) -> set[Any]:
+    return {d.call for d in route.dependant.dependencies}
+
+
 class EntryRoute(APIRoute):
     """A route documented like any other from its declared signature
     `(request: Request, entry: EntryDep)` and router-level `Authorized`, but served without
     FastAPI's per-request dependency solver: the handler resolves the entry itself
     (`_entry_of`: the same checks, answers and order) and calls the endpoint. Profiled under
-    64 one-vector clients, the solver was a sixth of the event loop's time. Declaring any other
-    dependency or parameter is refused when the route is built, so none is silently skipped."""
+    64 one-vector clients, the solver was a sixth of the event loop's time.
+
+    Nothing declared is skipped: another parameter or dependency on the route is refused when
+    it is built; dependencies added where the router is included, overrides of any dependency,
+    and `VQSEARCH_OTEL` (FastAPI's spans wrap the solver) send requests through FastAPI's own
+    handler."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
-        calls = {d.call for d in self.dependant.dependencies}
         params = list(inspect.signature(endpoint).parameters)
-        if calls != {authorize, get_entry} or params != ["request", "entry"]:
-            raise TypeError(f"{path}: an EntryRoute takes (request, entry) and Authorized only")
+        if (
+            _dependency_calls(self) != {authorize, get_entry}
+            or params != ["request", "entry"]
+            or not inspect.iscoroutinefunction(endpoint)
+        ):
+            raise TypeError(
+                f"{path}: an EntryRoute takes (request, entry) and Authorized only, async"
+            )
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        standard = super().get_route_handler()
+        # Included in a router or app: FastAPI builds the handler once per inclusion, under a
+        # context that carries the dependencies added there (a private FastAPI name: absent,
+        # only the route's own count, and those were checked in __init__).
+        context_var = getattr(fastapi.routing, "_effective_route_context_var", None)
+        context = context_var.get() if context_var is not None else None
+        if context is not None and _dependency_calls(context) != {authorize, get_entry}:
+            return standard
         endpoint = self.endpoint
 
         async def handler(request: Request) -> Response:
+            app = request.app
+            if app.state.settings.otel or app.dependency_overrides:
+                return await standard(request)
             response: Response = await endpoint(request, await _entry_of(request))
             return response
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -150,8 +149,8 @@ async def nearest(
     body = await decode(request, settings.max_body_bytes, "queries")
     p = params.merged(body, ("queries",))
     z = array_field(body, "queries")
-    _rows(math.prod(z.shape[:-1]) if z.ndim else 1, settings)
-    flat, axis = _flatten(z, p.channel_axis)
+    flat, axis = _flatten(z, p.channel_axis)  # a view, or a copy the body size bounds
+    _rows(len(flat), settings)
     _, I, setting = await run_query(request.app.state, entry, flat, p, 1, "recall_1_at_1")
     if p.return_quantized or p.return_error:  # gathers and float64 sums: off the event loop
         out = await run_in_threadpool(_finish_nearest, entry, z, flat, axis, I, p)
