@@ -86,14 +86,14 @@ def tiles(
     bq, d = xs.shape
     xg = _queries_for_gemm(xs, metric, prec, gpu, ws)
     bqp = xg.shape[0]
-    bank_major = not gpu and xg.dtype == torch.float32 and 1 < bqp <= BANK_MAJOR_QUERIES
+    transposed = not gpu and xg.dtype == torch.float32 and 1 < bqp <= BANK_MAJOR_QUERIES
     # One buffer for every tile of the scan: fresh 8-32 MiB tiles would each be page-faulted in.
     buf = ws.get("tile", (bqp * bs_b,), prec.dtype, xs.device)
     for r0, yp, yn, dead in prepared_blocks(src, bs_b, metric, center, xs.device, prec.dtype, ws):
         if yn.numel():
             torch.maximum(radius2, yn.max(), out=radius2)
         full = buf[: bqp * yp.shape[0]].view(bqp, yp.shape[0])
-        if bank_major:
+        if transposed:  # bank-major: the (nbk, bq) product, yielded as its (bq, nbk) view
             full_t = buf[: bqp * yp.shape[0]].view(yp.shape[0], bqp)
             if metric == "l2":
                 torch.addmm(yn.unsqueeze(1), yp, xg.T, beta=1.0, alpha=-2.0, out=full_t)
