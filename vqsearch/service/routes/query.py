@@ -101,9 +101,6 @@ def _flatten(z: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, int]:
     return zl.reshape(-1, zl.shape[-1]), axis
 
 
-_CODE_MAX = {"int16": 2**15 - 1, "int32": 2**31 - 1, "int64": 2**63 - 1}
-
-
 def _finish_nearest(
     entry: Entry, z: np.ndarray, flat: np.ndarray, axis: int, I: np.ndarray, p: NearestParams
 ) -> dict[str, np.ndarray]:
@@ -113,8 +110,8 @@ def _finish_nearest(
         raise HTTPException(
             409, "the approximate index found no code for some vectors; raise nprobe"
         )
-    top = _CODE_MAX[p.codes_dtype]
-    if p.codes_dtype != "int64" and len(codes) and int(codes.max()) > top:
+    # ids are int64 already: only a narrower dtype needs the check (and np.iinfo's cost)
+    if p.codes_dtype != "int64" and len(codes) and int(codes.max()) > np.iinfo(p.codes_dtype).max:
         raise HTTPException(422, f"codes_dtype={p.codes_dtype} cannot hold code {int(codes.max())}")
     lead = z.shape[:axis] + z.shape[axis + 1 :]
     out = {"codes": codes.astype(p.codes_dtype).reshape(lead)}
