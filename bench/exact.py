@@ -1,11 +1,12 @@
 """Exact search: our `knn` against faiss `IndexFlatL2`, measured in the same run.
 
 Per case: the best-of-N wall time of faiss, of ours with fp32 candidates and of ours with the
-default ('auto': bf16 candidates for k = 1 where the CPU runs bf16 natively); the ratio ours /
-faiss (<= 1.0: at least as fast); the GFLOP/s achieved (2 nq nb d / time) next to the machine's
-fp32 and bf16 GEMM rates measured at the start of the run; how many queries the first scan
-proved (the rest were scanned again, see vqsearch/index/_exact.py); and how many ids differ from
-faiss (faiss is float32 and not tie-exact; ours equal float64 brute force, see tests/).
+default ('auto': for k = 1 bf16 candidates where the CPU runs bf16 natively, int8 on other
+CPUs); the ratio ours / faiss (<= 1.0: at least as fast); the GFLOP/s achieved (2 nq nb d /
+time) next to the machine's fp32, bf16 and int8 GEMM rates measured at the start of the run;
+how many queries the first scan proved (the rest were scanned again, see
+vqsearch/index/_exact.py); and how many ids differ from faiss (faiss is float32 and not
+tie-exact; ours equal float64 brute force, see tests/).
 Timings alternate faiss / ours / ours so that a noisy neighbour hurts both alike.
 
     python bench/exact.py [--repeats 5] [--out bench/results/exact.md]
@@ -48,6 +49,23 @@ def gemm_rate(dtype: torch.dtype, repeats: int = 5) -> float:
     return 2 * 4096 * 4096 * 256 / best / 1e9
 
 
+def int8_rate(repeats: int = 5) -> float:
+    """Best GOP/s of oneDNN's u8 x s8 GEMM (fp32 out) at 2048 x 1024 x 256, the int8 scan's tile."""
+    from vqsearch.index import _int8
+
+    if not _int8.supported(torch.device("cpu"), 1, 1):
+        return float("nan")
+    q = torch.randint(1, 128, (2048, 256), dtype=torch.uint8)
+    w = _int8._pack(torch.randint(-127, 128, (1024, 256)))
+    s = torch.ones(1024)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        _int8._scores(q, 1.0, w, s, None)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048 * 1024 * 256 / best / 1e9
+
+
 def data(kind: str, nb: int, d: int, nq: int, rng: np.random.Generator):
     """(xb, xq). code+noise: queries are bank rows plus noise (a clear nearest row).
     kmeans: a codebook trained by k-means on structured data, queries fresh from that data
@@ -68,13 +86,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    fp32, bf16 = gemm_rate(torch.float32), gemm_rate(torch.bfloat16)
+    fp32, bf16, int8 = gemm_rate(torch.float32), gemm_rate(torch.bfloat16), int8_rate()
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
         f"threads, {faiss.omp_get_max_threads()} faiss threads, torch {torch.__version__}, "
         f"faiss {faiss.__version__}",
         f"GEMM rate measured in this run (4096x4096x256): fp32 {fp32:.0f} GFLOP/s, "
-        f"bf16 {bf16:.0f} GFLOP/s",
+        f"bf16 {bf16:.0f} GFLOP/s; int8 (oneDNN u8 x s8, 2048x1024x256) {int8:.0f} GOP/s",
         "",
         "| case | faiss IndexFlatL2 (s) | ours, fp32 (s) | ours, auto (s) | fp32 / faiss "
         "| auto / faiss | auto GFLOP/s | first scan proved | ids differing from faiss |",

@@ -1,6 +1,6 @@
 """Bounded load test against a vqsearch server on loopback: concurrent clients mixing search,
 nearest and appends for a fixed time; reports throughput, p50/p99 latency, errors, and the
-server's RSS after warm-up and at the end. Stops by itself.
+server's RSS under load after warm-up and once the load has stopped (`run`). Stops by itself.
 
     python bench/load.py [--clients 32] [--seconds 60]   # starts its own server on 127.0.0.1
 """
@@ -55,9 +55,17 @@ def rss_mb(pid: int) -> float:
 
 
 async def run(
-    url: str, pid: int, clients: int = 32, seconds: float = 60, warmup: float = 0.2
+    url: str,
+    pid: int,
+    clients: int = 32,
+    seconds: float = 60,
+    warmup: float = 0.2,
+    settle: float = 2.0,
 ) -> dict[str, Any]:
-    """Drive the server at `url` (process `pid`); bank `load` is created here."""
+    """Drive the server at `url` (process `pid`); bank `load` is created here. RSS is read
+    after the first `warmup` of the run, under load, and again `settle` seconds after the load
+    stops: by then the server has given its free heap pages back (`TRIM_EVERY_S` in
+    vqsearch/service/_observe.py), so the second figure is memory it still holds."""
     rng = np.random.default_rng(0)
     codebook = rng.standard_normal((NB, D)).astype(np.float32)
     async with AsyncClient(url, timeout=60, retries=0) as c:
@@ -95,6 +103,7 @@ async def run(
     t0 = time.monotonic()
     await asyncio.gather(sample_rss(), *(worker(w) for w in range(clients)))
     elapsed = time.monotonic() - t0
+    await asyncio.sleep(settle)
     rss["end"] = rss_mb(pid)
     every = np.array([x for v in lat.values() for x in v])
     return {

@@ -80,12 +80,14 @@ def test_bf16_leftovers_go_to_fp32(rng, scan_style):
 
 
 def test_auto_picks_bf16_only_for_k1_on_native_hardware(monkeypatch):
-    """'auto' is bf16 for k = 1 where the CPU has bf16 instructions, fp32 otherwise."""
+    """'auto' is bf16 for k = 1 where the CPU has bf16 instructions, int8 on other CPUs
+    (`tests/test_int8.py`), fp32 for k > 1."""
     monkeypatch.setattr(_precision, "_cpu_has_native_bf16", lambda: True)
     assert _precision.choose(CPU, "auto", 1) is _precision.BF16
     assert _precision.choose(CPU, "auto", 5).dtype == torch.float32
     monkeypatch.setattr(_precision, "_cpu_has_native_bf16", lambda: False)
-    assert _precision.choose(CPU, "auto", 1).dtype == torch.float32
+    assert _precision.choose(CPU, "auto", 1) is _precision.INT8
+    assert _precision.choose(CPU, "auto", 5).dtype == torch.float32
     with pytest.raises(ValueError, match="precision"):
         _precision.choose(CPU, "fp16")
 

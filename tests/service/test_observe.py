@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
+import time
 
 import numpy as np
 import pytest
 from opentelemetry import trace
 
 from tests.service.conftest import CODEBOOK, app_client
+from vqsearch.service import _observe
 from vqsearch.service._observe import JsonFormatter
 from vqsearch.service._sampling import Usage
 
@@ -111,3 +115,20 @@ async def test_opentelemetry_only_when_asked(settings, monkeypatch, otel):
     async with app_client(settings.model_copy(update={"otel": otel})) as api:
         assert (await api.get("/healthz")).status_code == 200
     assert (provider.asked > 0) == otel
+
+
+async def test_free_heap_pages_go_back_to_the_os_periodically(monkeypatch):
+    """The trimmer calls malloc_trim on a schedule until it is cancelled."""
+    calls: list[float] = []
+    real = _observe.trim_heaps
+    monkeypatch.setattr(_observe, "trim_heaps", lambda: calls.append(time.monotonic()))
+    task = asyncio.create_task(_observe.trim_periodically(0.01))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    n = len(calls)
+    assert n >= 3
+    await asyncio.sleep(0.05)
+    assert len(calls) == n  # stopped
+    real()  # glibc's malloc_trim itself: harmless at any time

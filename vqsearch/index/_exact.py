@@ -3,8 +3,9 @@
 1. Scan (`_scan`). Candidate scores, blocked over queries (``bs_q``) and bank (``bs_b``) with a
    running top-K (K = k + 2): ``s = ||y||^2 - 2 x.y`` for l2 with both sides centred on the bank
    mean (the norm of x is constant per query, so it is left out), ``s = -x.y`` for ip and
-   cosine. The scan runs in bf16 or fp32 (`_precision`: bf16 where the CPU or GPU runs it
-   natively). k = 1 keeps a running best and second best instead of a top-K.
+   cosine. The scan runs in bf16, int8 or fp32 (`_precision`: bf16 where the CPU or GPU runs it
+   natively; for k = 1 on other CPUs int8, `_int8`, with a bound of its own). k = 1 keeps a
+   running best and second best instead of a top-K.
 2. Re-rank. The K kept rows are scored again in float64 by the direct formula (``sum((x-y)^2)``,
    ``x.y``, ``x.y / |x||y|``) and sorted by (distance, id).
 
@@ -12,10 +13,10 @@ Why this is exact, whatever the data: each scan score is within ``E_q`` of its t
 (`_precision.error_bound`: ``c (|x_q| + R)^2``, R the bank radius around the centre). With tau
 the k-th smallest kept score, every true top-k row (ties included) scores at most ``tau + 2 E_q``.
 If the K-th kept score is above that, the kept rows hold all of them and the float64 re-rank is
-exact. Otherwise (near-ties, or large norms against tiny gaps) the query is scanned again: a bf16
-scan's leftovers in fp32, an fp32 scan's keeping k + 32 rows (k = 1: its near-ties go through
-top-K), and what that cannot prove either by a float64 scan of the whole bank. Centring on the
-mean is what keeps R, and so E_q, small for data far from the origin.
+exact. Otherwise (near-ties, or large norms against tiny gaps) the query is scanned again: a
+bf16 or int8 scan's leftovers in fp32, an fp32 scan's keeping k + 32 rows (k = 1: its near-ties
+go through top-K), and what that cannot prove either by a float64 scan of the whole bank.
+Centring on the mean is what keeps R, and so E_q, small for data far from the origin.
 
 On a GPU, k = 1 with bf16 candidates runs the scan and the running best / second best as one
 Triton kernel (`_fused`), which never writes a score tile; the proof and the re-rank are the
@@ -44,8 +45,17 @@ from typing import Any
 
 import torch
 
-from . import _fused
-from ._precision import BF16_FUSED, WORTH_IT, Precision, choose, error_bound, record, resolve
+from . import _fused, _int8
+from ._precision import (
+    BF16_FUSED,
+    INT8,
+    WORTH_IT,
+    Precision,
+    choose,
+    error_bound,
+    record,
+    resolve,
+)
 from ._rows import RowSource, prepare, prepared_blocks
 from ._scan import SLABS, TOPK_SLABS, gpu_style, scan_topk, tiles, update_best2
 from ._validate import Metric
@@ -248,6 +258,35 @@ def _search_topk(
     return out
 
 
+def _int8_bank(
+    src: RowSource,
+    nq: int,
+    bs_q: int,
+    bs_b: int,
+    metric: Metric,
+    center: torch.Tensor | None,
+    device: torch.device,
+    ws: Workspace,
+    gpu: bool,
+) -> _int8.PackedBank | None:
+    """The bank packed for the int8 scan, or None where that scan is not worth it (few
+    queries), not available, or not exact on this CPU for the shapes the search will use.
+    A bank snapshot (`State.packed`) keeps its packed copy: packing 16384 x 256 costs 30 ms."""
+    if gpu or nq < _int8.MIN_QUERIES or not _int8.supported(device, src.n, src.d):
+        return None
+    rows = {-(-q // _int8.QUERY_ROWS) * _int8.QUERY_ROWS for q in (bs_q, nq % bs_q or bs_q)}
+    cols = {min(bs_b, src.n), src.n % bs_b or bs_b}
+    if not all(_int8.exact_on(q, c, src.d) for q in rows for c in cols):
+        return None
+    cache = getattr(src, "packed", None)
+    packed = None if cache is None else cache.get((metric, bs_b))
+    if packed is None:
+        packed = _int8.pack(src, bs_b, metric, center, ws)
+        if cache is not None:
+            cache[(metric, bs_b)] = packed
+    return packed
+
+
 def _search_nearest(
     xq: torch.Tensor,
     src: RowSource,
@@ -288,23 +327,39 @@ def _search_nearest(
         # No tile to bound: one launch for up to 2**18 queries (2048 programs: many waves of
         # the GPU's SMs, no ragged last wave of a small launch).
         bs_q = min(nq, FUSED_QUERIES)
+    packed = (
+        _int8_bank(src, nq, bs_q, bs_b, metric, center, device, ws, gpu) if prec is INT8 else None
+    )
+    if prec is INT8 and packed is None:
+        prec = fp32
     for i0 in range(0, nq, bs_q):
         x = xq[i0 : i0 + bs_q]
         xs = prepare(x.to(device), metric, center, ws.get("xs", x.shape, device=device))
         b, s, a = best[i0 : i0 + bs_q], second[i0 : i0 + bs_q], arg[i0 : i0 + bs_q]
+        p = prec
+        qz = _int8.quantize_queries(xs, metric, ws) if packed is not None and p is INT8 else None
+        p = fp32 if p is INT8 and qz is None else p
+        tile_dtype = torch.float32 if qz is not None else p.dtype
+        gbuf = ws.get("groups", (xs.shape[0], max(ng, bs_b // 2)), tile_dtype, device)
         if fused is not None:
             _fused.nearest(xs, fused, metric, b, s, a)
             radius2 = fused.radius2
+        elif qz is not None and packed is not None:
+            for r0, tile in _int8.tiles(qz[0], qz[1], packed, xs.shape[0]):
+                update_best2(tile, min(ng, -(-tile.shape[1] // SLABS)), gbuf, r0, b, s, a)
+            radius2 = packed.radius2
         else:
-            gbuf = ws.get("groups", (xs.shape[0], max(ng, bs_b // 2)), prec.dtype, device)
             radius2 = torch.zeros((), device=device)
-            for r0, tile in tiles(xs, src, center, metric, bs_b, radius2, prec, ws, gpu):
+            for r0, tile in tiles(xs, src, center, metric, bs_b, radius2, p, ws, gpu):
                 update_best2(tile, min(ng, -(-tile.shape[1] // SLABS)), gbuf, r0, b, s, a, gpu)
         # Provably the unique nearest when every other row scores beyond best + 2E.
-        bound_prec = BF16_FUSED if fused is not None else prec
-        e2[i0 : i0 + bs_q] = 2 * error_bound(xs, radius2, metric, bound_prec)
-        used.append((i0, prec))
-        if not gpu and prec.u_in > fp32.u_in:
+        bound_prec = BF16_FUSED if fused is not None else fp32 if qz is not None else p
+        e = error_bound(xs, radius2, metric, bound_prec)
+        if qz is not None and packed is not None:
+            e = _int8.error_bound(qz[1], qz[2], qz[3], packed, e)
+        e2[i0 : i0 + bs_q] = 2 * e
+        used.append((i0, p))
+        if not gpu and p.u_in > fp32.u_in:
             proven = float((s.double() > b.double() + e2[i0 : i0 + bs_q]).float().mean())
             if proven < WORTH_IT:
                 prec = fp32

@@ -34,7 +34,7 @@ BF16_U = 2.0**-8  # round to nearest even, 8 significand bits (what Tensor.bfloa
 TF32_U = 2.0**-10  # 10 stored bits; truncation is allowed for, not only rounding
 TINY = 2.0**-126  # the smallest normal float32 (and bf16): flushed subnormals are below it
 
-Requested = Literal["auto", "fp32", "bf16"]
+Requested = Literal["auto", "fp32", "bf16", "int8"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class Precision:
 BF16 = Precision("bf16", torch.bfloat16, BF16_U, BF16_U)
 # bf16 inputs, scores kept in fp32 and the float32 norm added once (`_fused`): no bf16 output
 BF16_FUSED = Precision("bf16", torch.bfloat16, BF16_U, U32)
+# int8 candidates on CPUs without native bf16 (`_int8`, which also holds its bound); u_in only
+# marks it coarser than fp32, so that its unproven queries are scanned again in fp32.
+INT8 = Precision("int8", torch.int8, 2.0**-7, U32)
+LOW = (BF16, INT8)  # the candidate precisions 'auto' remembers per bank (`resolve`)
 
 
 def _fp32_gemm(device: torch.device) -> Precision:
@@ -83,15 +87,20 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def choose(device: torch.device, requested: str = "auto", k: int = 1) -> Precision:
-    """The candidate precision: 'fp32', 'bf16', or 'auto': bf16 for k = 1 where the hardware
-    runs it natively and its bound holds, fp32 otherwise.
+    """The candidate precision: 'fp32', 'bf16', 'int8' (CPU, k = 1), or 'auto': for k = 1 bf16
+    where the hardware runs it natively and its bound holds, int8 on other CPUs (`_int8`,
+    which falls back to fp32 where oneDNN's kernel fails its check or the batch is small),
+    fp32 otherwise.
 
     Why only k = 1: bf16 proves a query when its runner-up scores more than ~6% of
     (|x| + R)^2 above its best, which a code nearest to a latent often does. Its k-th and
     (k + 2)-th neighbours in a dense bank almost never are that far apart (measured: 1000 of
     1000 queries unproven in 1,000,000 x 128, k = 10), and then the bf16 scan is pure cost."""
-    if requested not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {requested!r}")
+    if requested not in ("auto", "fp32", "bf16", "int8"):
+        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'int8'; got {requested!r}")
+    int8 = requested == "int8" or (requested == "auto" and not _cpu_has_native_bf16())
+    if int8 and device.type == "cpu" and k == 1:
+        return INT8
     # CUDA's reduced-precision split-K sums are bf16 partial sums, which the bound above does
     # not cover: bf16 there needs torch.backends.cuda.matmul.allow_bf16_reduced_precision_
     # reduction = False (the service sets it), else the scan runs in fp32.
@@ -142,14 +151,14 @@ def resolve(
     if isinstance(precision, Precision):
         return precision
     prec = choose(device, precision, k)
-    if precision != "auto" or prec is not BF16 or hints is None:
+    if precision != "auto" or prec not in LOW or hints is None:
         return prec
-    h = hints.setdefault(f"bf16 k={k}", [1.0, 0.0])  # [last proven fraction, calls]
+    h = hints.setdefault(f"{prec.name} k={k}", [1.0, 0.0])  # [last proven fraction, calls]
     h[1] += 1
     return prec if h[0] >= WORTH_IT or h[1] % PROBE_EVERY == 0 else _fp32_gemm(device)
 
 
 def record(hints: dict[str, list[float]] | None, prec: Precision, k: int, proven: float) -> None:
-    """Note the proven fraction of a bf16 scan for `resolve`."""
-    if hints is not None and prec is BF16:
-        hints.setdefault(f"bf16 k={k}", [1.0, 0.0])[0] = proven
+    """Note the proven fraction of a bf16 or int8 scan for `resolve`."""
+    if hints is not None and prec in LOW:
+        hints.setdefault(f"{prec.name} k={k}", [1.0, 0.0])[0] = proven

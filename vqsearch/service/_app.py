@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from vqsearch import __version__
 from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 
-from ._observe import AdmissionMiddleware, Metrics, ObserveMiddleware
+from ._observe import AdmissionMiddleware, Metrics, ObserveMiddleware, trim_periodically
 from ._registry import (
     BankExistsError,
     LimitError,
@@ -124,9 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("created the demo codebook %r %s", DEMO_NAME, DEMO_SHAPE)
         log.info("serving %d banks from %s", len(registry.entries), settings.data_dir)
         follow = asyncio.create_task(_follow(registry, settings)) if settings.read_only else None
+        trimmer = asyncio.create_task(trim_periodically())
         try:
             yield
         finally:
+            trimmer.cancel()
             if follow is not None:
                 follow.cancel()
             registry.close()

@@ -6,7 +6,9 @@ Per-bank figures are read at scrape time, so they are never stale.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -24,22 +26,53 @@ access_log = logging.getLogger("vqsearch.access")
 REQUEST_ID = "x-request-id"
 
 
+TRIM_EVERY_S = 1.0  # `trim_periodically`: malloc_trim took 4-16 ms on a 500 MB server
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None  # not glibc: nothing to tune
+
+
 def return_freed_memory() -> None:
     """glibc keeps freed score tiles in per-thread heaps, so a server answering from dozens of
-    threads grows its RSS for minutes (measured: +400 MB in 40 s under 32 clients, flat with
-    this). Allocations from 1 MiB up are mmapped and unmapped on free; at most 4 heaps, each
-    trimmed once 16 MiB at its top are free. (Trimming at every free, as this did first, made
-    the pages of every sub-MiB re-rank chunk fault in again: an 8192-query search on a search
-    thread took 34-39 ms against 26-31 ms now; `bench/load.py` RSS stays flat, 388 -> 395 MB
-    over 45 s.)"""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
+    threads grows its RSS for minutes (measured: +400 MB in 40 s under 32 clients). Here: at
+    most 4 heaps; allocations from 9 MiB up mmapped and unmapped on free (a scan's buffers are
+    8 MiB and stay below: they are reused); each heap trimmed once 32 MiB at its top are free;
+    and every TRIM_EVERY_S `trim_periodically` gives back the free pages inside the heaps.
+
+    Why not unmap sooner: every freed page then faults in again on the next use. Trimming at
+    every free made each sub-MiB re-rank chunk fault in (an 8192-query search on a search
+    thread: 34-39 ms against 26-31 ms without); a 1 MiB mmap threshold made the int8 scan's
+    per-tile oneDNN buffers fault in (16384 x 16384 x 256: 1.47 s against 0.96 s, see
+    `vqsearch/index/_int8.py`) and `bench/load.py` ran at 116 against 130 requests/s. Without
+    the periodic trim, a 16 MiB threshold grew RSS from 452 to 570 MB in 45 s of
+    `bench/load.py`; with it the server holds no more after a run than after its warm-up."""
+    libc = _libc()
+    if libc is None:
+        return
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    libc.mallopt(m_trim_threshold, 16 << 20)
+    libc.mallopt(m_mmap_threshold, 9 << 20)
+    libc.mallopt(m_trim_threshold, 32 << 20)
     libc.mallopt(m_arena_max, 4)
+
+
+def trim_heaps() -> None:
+    """Give the OS the whole free pages inside glibc's heaps (malloc_trim(0)), not only those
+    at their top."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+async def trim_periodically(every: float = TRIM_EVERY_S) -> None:
+    """`trim_heaps` every `every` seconds, on a worker thread, until cancelled."""
+    while True:
+        await asyncio.sleep(every)
+        await asyncio.to_thread(trim_heaps)
 
 
 class JsonFormatter(logging.Formatter):
