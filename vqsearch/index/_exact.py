@@ -262,7 +262,6 @@ def _int8_bank(
     src: RowSource,
     nq: int,
     bs_q: int,
-    bs_b: int,
     metric: Metric,
     center: torch.Tensor | None,
     device: torch.device,
@@ -274,16 +273,16 @@ def _int8_bank(
     A bank snapshot (`State.packed`) keeps its packed copy: packing 16384 x 256 costs 30 ms."""
     if gpu or nq < _int8.MIN_QUERIES or not _int8.supported(device, src.n, src.d):
         return None
+    cache = getattr(src, "packed", None)
+    packed = None if cache is None else cache.get(metric)
+    if packed is None:
+        packed = _int8.pack(src, metric, center, ws)
+        if cache is not None:
+            cache[metric] = packed
     rows = {-(-q // _int8.QUERY_ROWS) * _int8.QUERY_ROWS for q in (bs_q, nq % bs_q or bs_q)}
-    cols = {min(bs_b, src.n), src.n % bs_b or bs_b}
+    cols = {len(b[2]) for b in packed.blocks}  # every block width the scan will see
     if not all(_int8.exact_on(q, c, src.d) for q in rows for c in cols):
         return None
-    cache = getattr(src, "packed", None)
-    packed = None if cache is None else cache.get((metric, bs_b))
-    if packed is None:
-        packed = _int8.pack(src, bs_b, metric, center, ws)
-        if cache is not None:
-            cache[(metric, bs_b)] = packed
     return packed
 
 
@@ -327,9 +326,7 @@ def _search_nearest(
         # No tile to bound: one launch for up to 2**18 queries (2048 programs: many waves of
         # the GPU's SMs, no ragged last wave of a small launch).
         bs_q = min(nq, FUSED_QUERIES)
-    packed = (
-        _int8_bank(src, nq, bs_q, bs_b, metric, center, device, ws, gpu) if prec is INT8 else None
-    )
+    packed = _int8_bank(src, nq, bs_q, metric, center, device, ws, gpu) if prec is INT8 else None
     if prec is INT8 and packed is None:
         prec = fp32
     for i0 in range(0, nq, bs_q):

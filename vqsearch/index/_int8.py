@@ -46,6 +46,7 @@ W_LEVELS = 127
 ROUNDING = 0.5 + 2.0**-14  # |v - s round(v / s)| / s: the fp32 scaling errs by < 128 * 2**-23
 QUERY_ROWS = 256  # query blocks are padded to a multiple: few kernel shapes, few checks
 PACK_ROWS = 2048  # the query block size oneDNN is told to expect when packing the bank
+BANK_ROWS = 1024  # rows per packed block (the k = 1 scan's fp32 tile width)
 MIN_QUERIES = 512  # below this the quantization and packing cost more than they save
 MAX_BANK_ELEMS = 1 << 26  # the packed bank is a copy: 64 MiB at most
 
@@ -77,11 +78,13 @@ def supported(device: torch.device, n: int, d: int) -> bool:
     )
 
 
-def _quantize_rows(y: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(round(y / s) as float, s (rows,)): s = max |y_j| / levels per row, 1 for zero rows."""
+def _quantize_rows(y: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(round(y / s) as float, s (rows,), the largest s of a non-zero row): s = max |y_j| /
+    levels per row, 1 for zero rows (quantized exactly: they take no part in the bound)."""
     s = y.abs().amax(1) / levels
+    top = float(s.max()) if len(s) else 0.0
     s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(y / s.unsqueeze(1)).clamp_(-levels, levels), s
+    return torch.round(y / s.unsqueeze(1)).clamp_(-levels, levels), s, top
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -128,23 +131,20 @@ def exact_on(bq: int, nbk: int, d: int) -> bool:
     return bool(((out - want).abs() <= tol).all())
 
 
-def pack(
-    src: RowSource,
-    bs_b: int,
-    metric: Metric,
-    center: torch.Tensor | None,
-    ws: Workspace,
-) -> PackedBank:
-    """The whole bank as int8 blocks of bs_b rows: (r0, packed weights, scales, bias, dead);
-    bias is the float32 squared norm for l2 (the score is |y|^2 - 2 x.y), None otherwise."""
+def pack(src: RowSource, metric: Metric, center: torch.Tensor | None, ws: Workspace) -> PackedBank:
+    """The whole bank as int8 blocks of BANK_ROWS rows (fewer where a bank's segments end):
+    (r0, packed weights, scales, bias, dead); bias is the float32 squared norm for l2 (the
+    score is |y|^2 - 2 x.y), None otherwise. One width whatever the batch size, so that a
+    snapshot keeps one packed copy."""
     blocks = []
     l1 = dy = 0.0
     radius2 = torch.zeros(())
     cpu = torch.device("cpu")
-    for r0, yp, yn, dead in prepared_blocks(src, bs_b, metric, center, cpu, torch.float32, ws):
-        w, s = _quantize_rows(yp, W_LEVELS)
+    blocks_of = prepared_blocks(src, BANK_ROWS, metric, center, cpu, torch.float32, ws)
+    for r0, yp, yn, dead in blocks_of:
+        w, s, top = _quantize_rows(yp, W_LEVELS)
         l1 = max(l1, float(yp.abs().sum(1).max()) * (1 + yp.shape[1] * U32))
-        dy = max(dy, float(s.max()) * ROUNDING)
+        dy = max(dy, top * ROUNDING)
         torch.maximum(radius2, yn.max(), out=radius2)
         bias = yn.clone() if metric == "l2" else None
         blocks.append((r0, _pack(w), s, bias, None if dead is None else dead.clone()))
@@ -162,6 +162,8 @@ def quantize_queries(
     if not math.isfinite(sx) or sx > 3e38:
         return None
     sx = float(torch.tensor(sx if sx > 0 else 1.0, dtype=torch.float32))  # what oneDNN uses
+    if sx < TINY:  # 1 / sx would overflow float32: scan these in fp32
+        return None
     bqp = -(-bq // QUERY_ROWS) * QUERY_ROWS
     qf = ws.get("int8 xq", (bq, d))
     torch.mul(xs, (-2.0 if metric == "l2" else -1.0) / sx, out=qf)

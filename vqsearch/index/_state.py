@@ -36,7 +36,7 @@ class State:
     _centers: dict[str, torch.Tensor | None] = field(default_factory=dict)
     _prepared: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     hints: dict[str, list[float]] = field(default_factory=dict)  # see _precision.resolve
-    packed: dict[tuple[str, int], Any] = field(default_factory=dict)  # see _exact._int8_bank
+    packed: dict[str, Any] = field(default_factory=dict)  # per metric, see _exact._int8_bank
 
     @functools.cached_property
     def offsets(self) -> np.ndarray:

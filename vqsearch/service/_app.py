@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections.abc import AsyncIterator
@@ -129,6 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             trimmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await trimmer
             if follow is not None:
                 follow.cancel()
             registry.close()
