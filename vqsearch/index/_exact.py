@@ -273,17 +273,22 @@ def _int8_bank(
     A bank snapshot (`State.packed`) keeps its packed copy: packing 16384 x 256 costs 30 ms."""
     if gpu or nq < _int8.MIN_QUERIES or not _int8.supported(device, src.n, src.d):
         return None
+    rows = {-(-q // _int8.QUERY_ROWS) * _int8.QUERY_ROWS for q in (bs_q, nq % bs_q or bs_q)}
+
+    def exact(widths: set[int]) -> bool:
+        return all(_int8.exact_on(q, c, src.d) for q in rows for c in widths)
+
+    # The usual width first: where the kernel fails, nothing is packed on every call.
+    if not exact({min(_int8.BANK_ROWS, src.n)}):
+        return None
     cache = getattr(src, "packed", None)
     packed = None if cache is None else cache.get(metric)
     if packed is None:
         packed = _int8.pack(src, metric, center, ws)
         if cache is not None:
             cache[metric] = packed
-    rows = {-(-q // _int8.QUERY_ROWS) * _int8.QUERY_ROWS for q in (bs_q, nq % bs_q or bs_q)}
-    cols = {len(b[2]) for b in packed.blocks}  # every block width the scan will see
-    if not all(_int8.exact_on(q, c, src.d) for q in rows for c in cols):
-        return None
-    return packed
+    # every block width the scan will see (fewer rows at the end and where segments end)
+    return packed if exact({len(b[2]) for b in packed.blocks}) else None
 
 
 def _search_nearest(
@@ -336,16 +341,17 @@ def _search_nearest(
         p = prec
         qz = _int8.quantize_queries(xs, metric, ws) if packed is not None and p is INT8 else None
         p = fp32 if p is INT8 and qz is None else p
-        tile_dtype = torch.float32 if qz is not None else p.dtype
-        gbuf = ws.get("groups", (xs.shape[0], max(ng, bs_b // 2)), tile_dtype, device)
+        groups = (xs.shape[0], max(ng, bs_b // 2))  # the fused kernel needs no group buffer
         if fused is not None:
             _fused.nearest(xs, fused, metric, b, s, a)
             radius2 = fused.radius2
         elif qz is not None and packed is not None:
+            gbuf = ws.get("groups", groups, torch.float32, device)  # int8 tiles are float32
             for r0, tile in _int8.tiles(qz[0], qz[1], packed, xs.shape[0]):
                 update_best2(tile, min(ng, -(-tile.shape[1] // SLABS)), gbuf, r0, b, s, a)
             radius2 = packed.radius2
         else:
+            gbuf = ws.get("groups", groups, p.dtype, device)
             radius2 = torch.zeros((), device=device)
             for r0, tile in tiles(xs, src, center, metric, bs_b, radius2, p, ws, gpu):
                 update_best2(tile, min(ng, -(-tile.shape[1] // SLABS)), gbuf, r0, b, s, a, gpu)

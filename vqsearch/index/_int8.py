@@ -99,10 +99,15 @@ def _scores(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """(bq, nbk) float32: sx * s_j * sum (q - 64) w_j + bias_j, one oneDNN call."""
-    zp = torch.zeros(s.shape[0], dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(
-        qx, sx, ZERO_POINT, qw, s, zp, bias, 1.0, 0, torch.float32, "none", [], ""
+        qx, sx, ZERO_POINT, qw, s, _zeros(s.shape[0]), bias, 1.0, 0, torch.float32, "none", [], ""
     )
+
+
+@functools.cache
+def _zeros(n: int) -> torch.Tensor:
+    """The weights' zero points (symmetric: all 0), one tensor per width, not one per tile."""
+    return torch.zeros(n, dtype=torch.int64)
 
 
 @functools.cache
