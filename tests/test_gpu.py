@@ -29,7 +29,7 @@ def full_precision_reduction():
     flags.allow_bf16_reduced_precision_reduction = saved
 
 
-@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("k", [1, 5])
 def test_cuda_knn_equals_brute_force(rng, precision, metric, k):

@@ -88,8 +88,9 @@ def test_auto_picks_bf16_only_for_k1_on_native_hardware(monkeypatch):
     monkeypatch.setattr(_precision, "_cpu_has_native_bf16", lambda: False)
     assert _precision.choose(CPU, "auto", 1) is _precision.INT8
     assert _precision.choose(CPU, "auto", 5).dtype == torch.float32
+    assert _precision.choose(CPU, "fp16", 1).dtype == torch.float32  # no fp16 scan on a CPU
     with pytest.raises(ValueError, match="precision"):
-        _precision.choose(CPU, "fp16")
+        _precision.choose(CPU, "fp8")
 
 
 def test_cuda_bf16_only_with_full_precision_reduction():
@@ -104,6 +105,22 @@ def test_cuda_bf16_only_with_full_precision_reduction():
         assert _precision.choose(cuda, "bf16") is _precision.BF16
         assert _precision.choose(cuda, "auto", 1) is _precision.BF16
         assert _precision.choose(cuda, "auto", 5).dtype == torch.float32
+    finally:
+        flags.allow_bf16_reduced_precision_reduction = saved
+
+
+def test_cuda_fp16_where_the_fused_kernel_runs():
+    """On CUDA, k = 1 with the fused kernel: 'auto' and 'fp16' are fp16, whatever cuBLAS's
+    reduced-precision flag (Triton sums in fp32); fp16 without the kernel is fp32."""
+    cuda, flags = torch.device("cuda"), torch.backends.cuda.matmul
+    saved = flags.allow_bf16_reduced_precision_reduction
+    try:
+        for reduced in (True, False):
+            flags.allow_bf16_reduced_precision_reduction = reduced
+            assert _precision.choose(cuda, "auto", 1, fused=True) is _precision.FP16
+            assert _precision.choose(cuda, "fp16", 1, fused=True) is _precision.FP16
+            assert _precision.choose(cuda, "fp16", 1).dtype == torch.float32
+            assert _precision.choose(cuda, "fp16", 5, fused=True).dtype == torch.float32
     finally:
         flags.allow_bf16_reduced_precision_reduction = saved
 

@@ -460,7 +460,7 @@ async def _count(client: httpx.AsyncClient, name: str, n: int) -> bool:
     return r.status_code == 200 and r.json()["count"] == n
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "int8"])
 async def test_exact_precision_setting_reaches_the_engine(settings, rng, precision, monkeypatch):
     """VQSEARCH_EXACT_PRECISION picks the engine's candidate scan; the codes stay exact."""
     seen: list[str] = []

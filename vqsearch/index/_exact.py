@@ -47,7 +47,9 @@ import torch
 
 from . import _fused, _int8
 from ._precision import (
+    BF16,
     BF16_FUSED,
+    FP16,
     INT8,
     WORTH_IT,
     Precision,
@@ -56,7 +58,7 @@ from ._precision import (
     record,
     resolve,
 )
-from ._rows import RowSource, prepare, prepared_blocks
+from ._rows import MatrixRows, RowSource, prepare
 from ._scan import SLABS, TOPK_SLABS, gpu_style, scan_topk, tiles, update_best2
 from ._validate import Metric
 from ._workspace import Workspace, borrow
@@ -291,6 +293,11 @@ def _int8_bank(
     return packed if exact({len(b[2]) for b in packed.blocks}) else None
 
 
+def _fused_bound(prec: Precision) -> Precision:
+    """The bound of the fused kernel's scores: its inputs' rounding, scores kept in fp32."""
+    return BF16_FUSED if prec is BF16 else prec
+
+
 def _search_nearest(
     xq: torch.Tensor,
     src: RowSource,
@@ -311,7 +318,8 @@ def _search_nearest(
     nq, dev, gpu = xq.shape[0], home(src), gpu_style(device)
     xq = _on_device(xq, device)
     hints = getattr(src, "hints", None)
-    prec = resolve(precision, device, 1, hints)
+    fusable = gpu and _fused.available(device, src.n, src.d)
+    prec = resolve(precision, device, 1, hints, fusable)
     fp32 = choose(device, "fp32")
     tile_elems = tile_elems or (GPU_TILE_ELEMS if gpu else TILE_ELEMS)
     bs_q, bs_b = _block_sizes(nq, src, tile_elems, GPU_BANK_BLOCK if gpu else 1024, SLABS)
@@ -322,12 +330,8 @@ def _search_nearest(
     e2 = torch.empty(nq, dtype=torch.float64, device=device)
     used: list[tuple[int, Precision]] = []  # (first query, scan precision) of each block
     fused = None
-    if gpu and prec.dtype == torch.bfloat16 and _fused.available(device, src.n, src.d):
-        # Triton's interpreter (the CPU tests) misreads bf16: it gets float32 operands, which
-        # the bf16 bound covers too.
-        dtype = prec.dtype if device.type == "cuda" else torch.float32
-        blocks = prepared_blocks(src, bs_b, metric, center, device, dtype, ws)
-        fused = _fused.bank_operand(blocks, src.n, src.d, metric, dtype, device)
+    if fusable and prec in (BF16, FP16):
+        fused = _fused.bank_operand(src, bs_b, metric, center, _fused_bound(prec), device, ws)
         # No tile to bound: one launch for up to 2**18 queries (2048 programs: many waves of
         # the GPU's SMs, no ragged last wave of a small launch).
         bs_q = min(nq, FUSED_QUERIES)
@@ -335,31 +339,32 @@ def _search_nearest(
     if prec is INT8 and packed is None:
         prec = fp32
     for i0 in range(0, nq, bs_q):
-        x = xq[i0 : i0 + bs_q]
-        xs = prepare(x.to(device), metric, center, ws.get("xs", x.shape, device=device))
+        x = xq[i0 : i0 + bs_q].to(device)
         b, s, a = best[i0 : i0 + bs_q], second[i0 : i0 + bs_q], arg[i0 : i0 + bs_q]
         p = prec
+        if fused is not None:  # the kernel centres the queries itself
+            xk = prepare(x, metric, None) if metric == "cosine" else x
+            e2[i0 : i0 + bs_q] = 2 * _fused.nearest(xk, center, fused, metric, b, s, a)
+            used.append((i0, p))
+            continue
+        xs = prepare(x, metric, center, ws.get("xs", x.shape, device=device))
         qz = _int8.quantize_queries(xs, metric, ws) if packed is not None and p is INT8 else None
         p = fp32 if p is INT8 and qz is None else p
-        groups = (xs.shape[0], max(ng, bs_b // 2))  # the fused kernel needs no group buffer
-        if fused is not None:
-            _fused.nearest(xs, fused, metric, b, s, a)
-            radius2 = fused.radius2
-        elif qz is not None and packed is not None:
+        groups = (xs.shape[0], max(ng, bs_b // 2))
+        if qz is not None and packed is not None:
             gbuf = ws.get("groups", groups, torch.float32, device)  # int8 tiles are float32
             for r0, tile in _int8.tiles(qz[0], qz[1], packed, xs.shape[0]):
                 update_best2(tile, min(ng, -(-tile.shape[1] // SLABS)), gbuf, r0, b, s, a)
-            radius2 = packed.radius2
+            e = _int8.error_bound(
+                qz[1], qz[2], qz[3], packed, error_bound(xs, packed.radius2, metric, fp32)
+            )
         else:
             gbuf = ws.get("groups", groups, p.dtype, device)
             radius2 = torch.zeros((), device=device)
             for r0, tile in tiles(xs, src, center, metric, bs_b, radius2, p, ws, gpu):
                 update_best2(tile, min(ng, -(-tile.shape[1] // SLABS)), gbuf, r0, b, s, a, gpu)
+            e = error_bound(xs, radius2, metric, p)
         # Provably the unique nearest when every other row scores beyond best + 2E.
-        bound_prec = BF16_FUSED if fused is not None else fp32 if qz is not None else p
-        e = error_bound(xs, radius2, metric, bound_prec)
-        if qz is not None and packed is not None:
-            e = _int8.error_bound(qz[1], qz[2], qz[3], packed, e)
         e2[i0 : i0 + bs_q] = 2 * e
         used.append((i0, p))
         if not gpu and p.u_in > fp32.u_in:
@@ -374,13 +379,21 @@ def _search_nearest(
         _count(stats, f"{p.name} k=1", end - i0, n_ok)
         record(hints, p, 1, n_ok / (end - i0))
         low[i0:end] = p.u_in > fp32.u_in
+    # A matrix on the GPU: the chosen rows scored in one kernel, not torch's float64 passes.
+    on_gpu = isinstance(src, MatrixRows) and fused is not None and dev.type == "cuda"
+    direct = src.xb if on_gpu and isinstance(src, MatrixRows) else None
     if bool(ok.all()):  # the usual case: no gathers, no index copies
+        if direct is not None:
+            return _fused.exact(xq, direct, arg, metric), arg
         rows = arg.to(dev).unsqueeze(1)
         d1, i1 = _rerank(xq, None, rows, torch.zeros_like(rows, dtype=torch.bool), src, metric, 1)
         return d1[:, 0], i1[:, 0]
     which = ok_dev.nonzero()[:, 0]
     rows = arg[which].to(dev).unsqueeze(1)
-    d1, i1 = _rerank(xq, which, rows, torch.zeros_like(rows, dtype=torch.bool), src, metric, 1)
+    if direct is not None:
+        d1, i1 = _fused.exact(xq[which], direct, rows[:, 0], metric)[:, None], rows
+    else:
+        d1, i1 = _rerank(xq, which, rows, torch.zeros_like(rows, dtype=torch.bool), src, metric, 1)
     out = (
         torch.empty(nq, dtype=torch.float64, device=dev),
         torch.empty(nq, dtype=torch.int64, device=dev),

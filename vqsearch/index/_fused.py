@@ -19,13 +19,16 @@ under Triton's interpreter (TRITON_INTERPRET=1, float32 operands) where triton i
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ._precision import U32, Precision, norm_bound
+from ._rows import RowSource, prepared_blocks
 from ._validate import Metric
+from ._workspace import Workspace
 
 # A block of queries stays resident, (BLOCK_M, D) bf16 per program: at D = 256 that and two
 # stages of rows take 192 of an H100/H200's 228 KiB of shared memory; wider D would not fit
@@ -39,14 +42,19 @@ MAX_D = 256
 CONFIG: dict[str, int] = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
+OPERAND_QUERIES = 32  # queries per program of the operand and exact kernels
+EXACT_QUERIES = 16
+
+
 @functools.cache
 def _kernel() -> Any:
-    """The jitted kernel, or None without triton (imported on first use: it takes a second)."""
+    """The jitted kernels' module, or None without triton (imported on first use: it takes a
+    second)."""
     try:
-        from ._fused_kernel import nearest_kernel
+        from . import _fused_kernel
     except ImportError:
         return None
-    return nearest_kernel
+    return _fused_kernel
 
 
 MAX_BANK_BYTES = 1 << 30  # the bank operand is a padded copy of the bank
@@ -67,52 +75,127 @@ def _width(d: int) -> int:
 class BankOperand:
     """The bank as the kernel reads it, built once per search."""
 
-    y: torch.Tensor  # (nb, D) in the operand dtype, zero-padded
+    y: torch.Tensor  # (nb, D) in the operand dtype, zero-padded, scaled by 1 / iy
+    iy: torch.Tensor  # 0-d float32: the rows' inverse scale (a power of two; +inf: out of range)
     bias: torch.Tensor  # (nb,) float32
     radius2: torch.Tensor  # 0-d float32: the largest squared norm of a prepared row
+    prec: Precision  # the bound's: bf16 or fp16 inputs, fp32 scores
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2**e as float32 from its exponent bits (e int32, in the normal range): exact."""
+    return ((e + 127) << 23).view(torch.float32)
+
+
+def _scales(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, 1 / s) for rows of largest component m: s = 2**(13 - floor(log2 m)), so m s is in
+    [2**13, 2**14), with floor(log2 m) clamped to [-50, 50] as `_fused_kernel` clamps the
+    queries'; 1 / s is +inf above that range. On the device: no sync with the host."""
+    _, e = torch.frexp(m)  # m = f 2**e, f in [0.5, 1); m = 0 gives e = 0
+    e = (e.to(torch.int32) - 1).clamp_min(-50)
+    return _pow2((13 - e).clamp_min(-37)), torch.where(e <= 50, _pow2(e - 13), math.inf)
 
 
 def bank_operand(
-    blocks: Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]],
-    nb: int,
-    d: int,
+    src: RowSource,
+    bs: int,
     metric: Metric,
-    dtype: torch.dtype,
+    center: torch.Tensor | None,
+    prec: Precision,
     device: torch.device,
+    ws: Workspace,
 ) -> BankOperand:
-    """From the prepared blocks of `_rows.prepared_blocks` (rows, float32 squared norms, dead)."""
+    """The prepared bank (`_rows.prepared_blocks`) rounded to the operand dtype, fp16 scaled
+    first into its range by a power of two (a second pass over the prepared blocks). Triton's
+    interpreter (the CPU tests) misreads bf16: it gets float32 operands, which the bf16 bound
+    covers too."""
+    dtype = torch.float32 if device.type == "cpu" and prec.dtype == torch.bfloat16 else prec.dtype
+    nb, d = src.n, src.d
+    scale, iy = torch.ones((), device=device), torch.ones((), device=device)
+    if prec.dtype == torch.float16:
+        m = torch.zeros((), device=device)
+        for _, yp, _, _ in prepared_blocks(src, bs, metric, center, device, ws=ws):
+            torch.maximum(m, yp.abs().max(), out=m)
+        scale, iy = _scales(m)
+        scale = torch.where(torch.isfinite(iy), scale, 0.0)  # out of range: zeros, not inf
     y = torch.zeros(nb, _width(d), dtype=dtype, device=device)
     bias = torch.zeros(nb, device=device)
     radius2 = torch.zeros((), device=device)
-    for r0, yp, yn, dead in blocks:
+    for r0, yp, yn, dead in prepared_blocks(src, bs, metric, center, device, ws=ws):
         r1 = r0 + yp.shape[0]
-        y[r0:r1, :d] = yp
+        y[r0:r1, :d] = yp * scale
         if metric == "l2":
             bias[r0:r1] = yn
         if dead is not None:
             bias[r0:r1].masked_fill_(dead, float("inf"))
         torch.maximum(radius2, yn.max(), out=radius2)
-    return BankOperand(y, bias, radius2)
+    return BankOperand(y, iy, bias, radius2, prec)
 
 
 def nearest(
-    xs: torch.Tensor,
+    x: torch.Tensor,
+    center: torch.Tensor | None,
     bank: BankOperand,
     metric: Metric,
     best: torch.Tensor,
     second: torch.Tensor,
     arg: torch.Tensor,
     config: dict[str, int] | None = None,
-) -> None:
-    """Write the best score, second best score (float32) and row (int64) of every prepared
-    query xs (nq, d) into best, second, arg (nq,)."""
-    nq, d = xs.shape
-    x = torch.zeros(nq, bank.y.shape[1], dtype=bank.y.dtype, device=xs.device)
-    torch.mul(xs, -2.0 if metric == "l2" else -1.0, out=x[:, :d])
-    rows = torch.empty(nq, dtype=torch.int32, device=xs.device)
-    cfg = config or CONFIG
-    grid = (-(-nq // cfg["BLOCK_M"]),)
-    _kernel()[grid](
-        x, bank.y, bank.bias, best, second, rows, nq, bank.y.shape[0], D=bank.y.shape[1], **cfg
+) -> torch.Tensor:
+    """Write the best score, second best score (float32) and row (int64) of every query x
+    (nq, d) float32 into best, second, arg (nq,); return their error bounds E_q (nq,) float64.
+    x is as given for l2 (the kernel centres it) and ip, unit-norm for cosine."""
+    nq, d = x.shape
+    kernels = _kernel()
+    xh = torch.empty(nq, bank.y.shape[1], dtype=bank.y.dtype, device=x.device)
+    xn2, ix = torch.empty(nq, device=x.device), torch.empty(nq, device=x.device)
+    kernels.operand_kernel[(-(-nq // OPERAND_QUERIES),)](
+        x,
+        x if center is None else center,
+        xh,
+        xn2,
+        ix,
+        nq,
+        d,
+        NEG=-2.0 if metric == "l2" else -1.0,
+        HAS_CENTER=center is not None,
+        D=bank.y.shape[1],
+        BLOCK_Q=OPERAND_QUERIES,
     )
-    arg.copy_(rows)
+    cfg = config or CONFIG
+    kernels.nearest_kernel[(-(-nq // cfg["BLOCK_M"]),)](
+        xh, ix, bank.y, bank.iy, bank.bias, best, second, arg, nq, bank.y.shape[0],
+        D=bank.y.shape[1], **cfg,
+    )  # fmt: skip
+    return error_bound(xn2, ix, bank, metric)
+
+
+def error_bound(
+    xn2: torch.Tensor, ix: torch.Tensor, bank: BankOperand, metric: Metric
+) -> torch.Tensor:
+    """E_q (nq,) float64 of the kernel's scores: `_precision.norm_bound` for its precision,
+    plus what rounding a scaled operand to a subnormal (or zero) may lose, which no relative
+    bound covers: at most 2**-25 / s per component, s its scale (ix = 1 / s for the queries,
+    iy for the rows), so at most 2**-25 sqrt(d) (R ix + |NEG x| iy) + d 2**-50 ix iy per
+    score. Taken twice, as `_precision` takes its terms."""
+    d = bank.y.shape[1]
+    xn = xn2.double().sqrt() * (1 + (d + 4) * U32)
+    e = norm_bound(xn, bank.radius2, d, metric, bank.prec)
+    radius = bank.radius2.double().sqrt() * (1 + 1e-5)
+    ix64, iy = ix.double(), bank.iy.double()
+    neg = 2.0 if metric == "l2" else 1.0
+    tiny = 2.0**-24 * math.sqrt(d) * (radius * ix64 + neg * xn * iy) + d * 2.0**-49 * ix64 * iy
+    return torch.where(torch.isfinite(tiny), e + tiny, math.inf)
+
+
+def exact(xq: torch.Tensor, xb: torch.Tensor, rows: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """float64 distance (smaller is nearer) of each query xq (nq, d) to its row of xb (nb, d),
+    rows (nq,) int64, by the direct formula as `_exact.exact64` has it, in one pass on the GPU
+    (torch's float64 expansion of a 262,144-query batch writes some 4 GB)."""
+    nq, d = xq.shape
+    out = torch.empty(nq, dtype=torch.float64, device=xq.device)
+    _kernel().exact_kernel[(-(-nq // EXACT_QUERIES),)](
+        xq.contiguous(), xb.contiguous(), rows, out, nq, d,
+        METRIC=("l2", "ip", "cosine").index(metric), D=_width(d), BLOCK_Q=EXACT_QUERIES,
+    )  # fmt: skip
+    return out

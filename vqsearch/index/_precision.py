@@ -34,7 +34,8 @@ BF16_U = 2.0**-8  # round to nearest even, 8 significand bits (what Tensor.bfloa
 TF32_U = 2.0**-10  # 10 stored bits; truncation is allowed for, not only rounding
 TINY = 2.0**-126  # the smallest normal float32 (and bf16): flushed subnormals are below it
 
-Requested = Literal["auto", "fp32", "bf16", "int8"]
+Requested = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+REQUESTED = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,14 @@ class Precision:
 BF16 = Precision("bf16", torch.bfloat16, BF16_U, BF16_U)
 # bf16 inputs, scores kept in fp32 and the float32 norm added once (`_fused`): no bf16 output
 BF16_FUSED = Precision("bf16", torch.bfloat16, BF16_U, U32)
+# fp16 inputs in the fused kernel only (`_fused`: operands scaled by powers of two into its range,
+# whose underflow that module bounds), scores in fp32: 3 more significand bits than bf16, so an
+# 8x tighter bound at the same tensor-core rate.
+FP16 = Precision("fp16", torch.float16, 2.0**-11, U32)
 # int8 candidates on CPUs without native bf16 (`_int8`, which also holds its bound); u_in only
 # marks it coarser than fp32, so that its unproven queries are scanned again in fp32.
 INT8 = Precision("int8", torch.int8, 2.0**-7, U32)
-LOW = (BF16, INT8)  # the candidate precisions 'auto' remembers per bank (`resolve`)
+LOW = (BF16, FP16, INT8)  # the candidate precisions 'auto' remembers per bank (`resolve`)
 
 
 def _fp32_gemm(device: torch.device) -> Precision:
@@ -86,18 +91,24 @@ def _cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def choose(device: torch.device, requested: str = "auto", k: int = 1) -> Precision:
-    """The candidate precision: 'fp32', 'bf16', 'int8' (CPU, k = 1), or 'auto': for k = 1 bf16
-    where the hardware runs it natively and its bound holds, int8 on other CPUs (`_int8`,
-    which falls back to fp32 where oneDNN's kernel fails its check or the batch is small),
-    fp32 otherwise.
+def choose(
+    device: torch.device, requested: str = "auto", k: int = 1, fused: bool = False
+) -> Precision:
+    """The candidate precision: 'fp32', 'bf16', 'fp16' (the fused GPU kernel, k = 1), 'int8'
+    (CPU, k = 1), or 'auto': for k = 1 fp16 where the fused kernel runs this search (`fused`),
+    else bf16 where the hardware runs it natively and its bound holds, int8 on other CPUs
+    (`_int8`, which falls back to fp32 where oneDNN's kernel fails its check or the batch is
+    small), fp32 otherwise. A precision that cannot run here is fp32.
 
     Why only k = 1: bf16 proves a query when its runner-up scores more than ~6% of
     (|x| + R)^2 above its best, which a code nearest to a latent often does. Its k-th and
     (k + 2)-th neighbours in a dense bank almost never are that far apart (measured: 1000 of
     1000 queries unproven in 1,000,000 x 128, k = 10), and then the bf16 scan is pure cost."""
-    if requested not in ("auto", "fp32", "bf16", "int8"):
-        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'int8'; got {requested!r}")
+    if requested not in REQUESTED:
+        raise ValueError(f"precision must be one of {', '.join(REQUESTED)}; got {requested!r}")
+    # Triton's sums in fp32, not cuBLAS': no reduced-precision flag reaches the fused kernel.
+    if device.type == "cuda" and k == 1 and fused and requested in ("auto", "fp16"):
+        return FP16
     int8 = requested == "int8" or (requested == "auto" and not _cpu_has_native_bf16())
     if int8 and device.type == "cpu" and k == 1:
         return INT8
@@ -121,11 +132,18 @@ def error_bound(
     """E_q (nq,) float64: bound on |scan score - true score| for every row of the bank, given
     xs the prepared queries and radius2 the largest float32 squared norm of a prepared row."""
     d = xs.shape[1]
-    c = 2.0 * ((d + 8) * U32 + 2 * prec.u_in + 2 * prec.u_out)
     # float32 norms (a float64 copy of the block would be 4 MiB per search), rounded up by
     # their own error bound; an overflow gives inf, and the float64 scan. All on xs's device:
     # no sync with the host.
     xn = torch.linalg.vector_norm(xs, dim=1).double() * (1 + (d + 4) * U32)
+    return norm_bound(xn, radius2, d, metric, prec)
+
+
+def norm_bound(
+    xn: torch.Tensor, radius2: torch.Tensor, d: int, metric: Metric, prec: Precision
+) -> torch.Tensor:
+    """`error_bound` from xn (nq,) float64, the prepared queries' norms rounded up."""
+    c = 2.0 * ((d + 8) * U32 + 2 * prec.u_in + 2 * prec.u_out)
     radius = radius2.double().sqrt() * (1 + 1e-5)  # the float32 norm's own rounding
     flushed = 4 * d * TINY * (1 + xn + radius)
     if metric == "l2":
@@ -143,14 +161,18 @@ WORTH_IT = 0.5  # below this proven fraction a bf16 scan costs more than it save
 
 
 def resolve(
-    precision: str | Precision, device: torch.device, k: int, hints: dict[str, list[float]] | None
+    precision: str | Precision,
+    device: torch.device,
+    k: int,
+    hints: dict[str, list[float]] | None,
+    fused: bool = False,
 ) -> Precision:
     """The precision of a search's first scan. 'auto' also remembers, per bank (hints), whether
     bf16 proved most queries on the last try: where it did not, the next calls go to fp32 (a
     k-means codebook: ~0.3% proven) and every PROBE_EVERY-th call looks again."""
     if isinstance(precision, Precision):
         return precision
-    prec = choose(device, precision, k)
+    prec = choose(device, precision, k, fused)
     if precision != "auto" or prec not in LOW or hints is None:
         return prec
     h = hints.setdefault(f"{prec.name} k={k}", [1.0, 0.0])  # [last proven fraction, calls]

@@ -18,11 +18,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `vqsearch serve` binds to")
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", description="torch device for exact search: auto, cpu, cuda")
-    exact_precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+    exact_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto",
         description="candidate scan of exact search (answers are exact in all): auto (for "
-        "nearest, bf16 where the CPU/GPU runs it natively, int8 on other CPUs, each while it "
-        "proves most queries), fp32, bf16, int8 (CPU, nearest)",
+        "nearest, fp16 in the fused GPU kernel, else bf16 where the CPU/GPU runs it natively, "
+        "int8 on other CPUs, each while it proves most queries), fp32, bf16, fp16 (GPU, "
+        "nearest), int8 (CPU, nearest)",
     )
     demo: bool = Field(False, description="create the demo codebook when the data dir is empty")
     max_body_bytes: int = Field(256 << 20, ge=1, description="largest request body accepted")
