@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import brute_force
 from tests.test_precision import hard_datasets
-from vqsearch.index import Bank, knn
+from vqsearch.index import Bank, _exact, knn
 
 pytestmark = [
     pytest.mark.gpu,
@@ -67,3 +67,19 @@ def test_cuda_bank_search_and_nearest(rng, tmp_path, metric):
     ref = live[brute_force(xq, xb[live], 3, metric)[1]]
     np.testing.assert_array_equal(bank.search(xq, 3, device="cuda")[1], ref)
     np.testing.assert_array_equal(bank.nearest(xq, device="cuda")[1], ref[:, 0])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_cuda_host_queries_uploaded_in_chunks(rng, metric, monkeypatch):
+    """Queries from host memory go up chunk by chunk, each searched as it lands; ids and
+    distances (the one-pass exact kernel's) are float64 brute force."""
+    monkeypatch.setattr(_exact, "HOST_CHUNK", 100)
+    xb = rng.standard_normal((1000, 24)).astype(np.float32) + 2
+    pick = rng.integers(0, 1000, 450)
+    xq = (xb[pick] + 0.3 * rng.standard_normal((450, 24))).astype(np.float32)
+    stats: Counter[str] = Counter()
+    D, I = knn(xq, torch.from_numpy(xb).cuda(), 1, metric, device="cuda", stats=stats)
+    want_d, want_i = brute_force(xq, xb, 1, metric)
+    np.testing.assert_array_equal(I, want_i)
+    np.testing.assert_allclose(D, want_d, rtol=1e-6, atol=1e-6)
+    assert stats["fp16 k=1 scanned"] == 450

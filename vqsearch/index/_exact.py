@@ -39,6 +39,7 @@ between searches.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from typing import Any
@@ -86,6 +87,26 @@ def _on_device(xq: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or xq.device.type != "cpu":
         return xq
     return (xq.pin_memory() if xq.numel() >= 1 << 22 else xq).to(device, non_blocking=True)
+
+
+HOST_CHUNK = 1 << 15  # queries per copy of the pipelined upload (`_upload`): 32 MiB at d = 256
+
+
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _upload(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Host queries x into out (on a GPU) on a copy stream; the current stream waits for it.
+    The search of one chunk then overlaps the copy of the next: for 262,144 x 256 queries
+    the copy alone took 12.3 ms on an H200, pinned first, against a 5.6 ms kernel."""
+    stream, current = _copy_stream(out.device), torch.cuda.current_stream(out.device)
+    staged = x.pin_memory()
+    with torch.cuda.stream(stream):
+        out.copy_(staged, non_blocking=True)
+    current.wait_stream(stream)
+    return out
 
 
 def exact64(x: torch.Tensor, y: torch.Tensor, metric: Metric) -> torch.Tensor:
@@ -316,7 +337,6 @@ def _search_nearest(
     early on a bank where it proves too little)."""
     ws = ws or Workspace()
     nq, dev, gpu = xq.shape[0], home(src), gpu_style(device)
-    xq = _on_device(xq, device)
     hints = getattr(src, "hints", None)
     fusable = gpu and _fused.available(device, src.n, src.d)
     prec = resolve(precision, device, 1, hints, fusable)
@@ -333,13 +353,22 @@ def _search_nearest(
     if fusable and prec in (BF16, FP16):
         fused = _fused.bank_operand(src, bs_b, metric, center, _fused_bound(prec), device, ws)
         # No tile to bound: one launch for up to 2**18 queries (2048 programs: many waves of
-        # the GPU's SMs, no ragged last wave of a small launch).
+        # the GPU's SMs, no ragged last wave of a small launch), or per chunk of an upload.
         bs_q = min(nq, FUSED_QUERIES)
+    # From host memory into the fused kernel: chunk by chunk, each searched once it is there.
+    upload = fused is not None and xq.device.type == "cpu" and device.type == "cuda"
+    if upload:
+        bs_q = min(nq, HOST_CHUNK)
+        xd = torch.empty(xq.shape, device=device)
+        _copy_stream(device).wait_stream(torch.cuda.current_stream(device))  # xd's last users
+    else:
+        xq = xd = _on_device(xq, device)
     packed = _int8_bank(src, nq, bs_q, metric, center, device, ws, gpu) if prec is INT8 else None
     if prec is INT8 and packed is None:
         prec = fp32
     for i0 in range(0, nq, bs_q):
-        x = xq[i0 : i0 + bs_q].to(device)
+        q = slice(i0, i0 + bs_q)
+        x = _upload(xq[q], xd[q]) if upload else xq[q].to(device)
         b, s, a = best[i0 : i0 + bs_q], second[i0 : i0 + bs_q], arg[i0 : i0 + bs_q]
         p = prec
         if fused is not None:  # the kernel centres the queries itself
@@ -371,6 +400,7 @@ def _search_nearest(
             proven = float((s.double() > b.double() + e2[i0 : i0 + bs_q]).float().mean())
             if proven < WORTH_IT:
                 prec = fp32
+    xq = xd
     ok_dev = second.double() > best.double() + e2
     ok = ok_dev.cpu()  # the one sync of a GPU search
     low = torch.zeros(nq, dtype=torch.bool)  # scanned in a precision coarser than fp32

@@ -151,7 +151,7 @@ def nearest(
     xn2, ix = torch.empty(nq, device=x.device), torch.empty(nq, device=x.device)
     kernels.operand_kernel[(-(-nq // OPERAND_QUERIES),)](
         x,
-        x if center is None else center,
+        x if center is None else center.to(x.device),
         xh,
         xn2,
         ix,

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._bank import to_reported
+from ._bank import reported, to_host
 from ._errors import EmptyBankError, ZeroVectorError
 from ._exact import search_nearest, search_topk
 from ._rows import MatrixRows, bank_center
@@ -68,7 +68,8 @@ def knn(
             precision=precision,
             stats=stats,
         )
-        return to_reported(d1[:, None], metric), i1[:, None].cpu().numpy()
+        D_h, I_h = to_host(reported(d1[:, None], metric), i1[:, None])
+        return D_h, I_h
     D, I = search_topk(
         xq_t,
         src,
@@ -80,4 +81,5 @@ def knn(
         precision=precision,
         stats=stats,
     )
-    return to_reported(D, metric), I.cpu().numpy()
+    D_h, I_h = to_host(reported(D, metric), I)
+    return D_h, I_h

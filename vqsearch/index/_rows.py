@@ -86,8 +86,8 @@ def bank_center(src: RowSource, metric: Metric, sample: int = 2048) -> torch.Ten
         return None
     y = src.take(torch.arange(0, src.n, -(-src.n // sample))).double()
     mean = y.mean(0)
-    spread2 = float(((y - mean) ** 2).sum(1).mean())
-    return mean.to(torch.float32) if float(mean @ mean) > 0.01 * spread2 else None
+    spread2 = ((y - mean) ** 2).sum(1).mean()
+    return mean.to(torch.float32) if bool(mean @ mean > 0.01 * spread2) else None
 
 
 def prepare(

@@ -56,7 +56,7 @@ def as_matrix(x: Any, name: str, d: int | None = None) -> torch.Tensor:
         t = t.to(torch.float32)
     # aminmax propagates NaN and is a fraction of the cost of isfinite().all() on large inputs.
     lo, hi = torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
-    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+    if not all(map(math.isfinite, torch.stack([lo, hi]).tolist())):  # one sync on a GPU
         raise NonFiniteError(f"{name} contains NaN or Inf (or values beyond float32 range)")
     return t.contiguous()
 
