@@ -76,24 +76,18 @@ class BankOperand:
     """The bank as the kernel reads it, built once per search."""
 
     y: torch.Tensor  # (nb, D) in the operand dtype, zero-padded, scaled by 1 / iy
-    iy: torch.Tensor  # 0-d float32: the rows' inverse scale (a power of two; +inf: out of range)
+    iy: float  # the rows' inverse scale (a power of two; +inf: out of range)
     bias: torch.Tensor  # (nb,) float32
     radius2: torch.Tensor  # 0-d float32: the largest squared norm of a prepared row
     prec: Precision  # the bound's: bf16 or fp16 inputs, fp32 scores
 
 
-def _pow2(e: torch.Tensor) -> torch.Tensor:
-    """2**e as float32 from its exponent bits (e int32, in the normal range): exact."""
-    return ((e + 127) << 23).view(torch.float32)
-
-
-def _scales(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, 1 / s) for rows of largest component m: s = 2**(13 - floor(log2 m)), so m s is in
-    [2**13, 2**14), with floor(log2 m) clamped to [-50, 50] as `_fused_kernel` clamps the
-    queries'; 1 / s is +inf above that range. On the device: no sync with the host."""
-    _, e = torch.frexp(m)  # m = f 2**e, f in [0.5, 1); m = 0 gives e = 0
-    e = (e.to(torch.int32) - 1).clamp_min(-50)
-    return _pow2((13 - e).clamp_min(-37)), torch.where(e <= 50, _pow2(e - 13), math.inf)
+def _scales(m: float) -> tuple[float, float]:
+    """(s, 1 / s) for rows of largest component at most m: s = 2**(13 - floor(log2 m)), so
+    m s < 2**14, with floor(log2 m) clamped to [-50, 50] as `_fused_kernel` clamps the
+    queries'; (0, +inf) above that range (a zero operand, and an infinite bound)."""
+    e = max(math.frexp(m)[1] - 1, -50)  # m = f 2**e, f in [0.5, 1); m = 0 gives e = 0
+    return (2.0 ** (13 - e), 2.0 ** (e - 13)) if e <= 50 else (0.0, math.inf)
 
 
 def bank_operand(
@@ -106,24 +100,23 @@ def bank_operand(
     ws: Workspace,
 ) -> BankOperand:
     """The prepared bank (`_rows.prepared_blocks`) rounded to the operand dtype, fp16 scaled
-    first into its range by a power of two (a second pass over the prepared blocks). Triton's
-    interpreter (the CPU tests) misreads bf16: it gets float32 operands, which the bf16 bound
-    covers too."""
+    first into its range by a power of two, from the bank's radius (a first pass over the
+    blocks' norms, and one sync: the GPU is idle here anyway). Triton's interpreter (the CPU
+    tests) misreads bf16: it gets float32 operands, which the bf16 bound covers too."""
     dtype = torch.float32 if device.type == "cpu" and prec.dtype == torch.bfloat16 else prec.dtype
     nb, d = src.n, src.d
-    scale, iy = torch.ones((), device=device), torch.ones((), device=device)
+    radius2 = torch.zeros((), device=device)
+    scale, iy = 1.0, 1.0
     if prec.dtype == torch.float16:
-        m = torch.zeros((), device=device)
-        for _, yp, _, _ in prepared_blocks(src, bs, metric, center, device, ws=ws):
-            torch.maximum(m, yp.abs().max(), out=m)
-        scale, iy = _scales(m)
-        scale = torch.where(torch.isfinite(iy), scale, 0.0)  # out of range: zeros, not inf
+        for _, _, yn, _ in prepared_blocks(src, bs, metric, center, device, ws=ws):
+            torch.maximum(radius2, yn.max(), out=radius2)
+        # every component is at most the radius (rounded up for the float32 sums)
+        scale, iy = _scales(math.sqrt(float(radius2)) * (1 + d * U32))
     y = torch.zeros(nb, _width(d), dtype=dtype, device=device)
     bias = torch.zeros(nb, device=device)
-    radius2 = torch.zeros((), device=device)
     for r0, yp, yn, dead in prepared_blocks(src, bs, metric, center, device, ws=ws):
         r1 = r0 + yp.shape[0]
-        y[r0:r1, :d] = yp * scale
+        torch.mul(yp, scale, out=y[r0:r1, :d])
         if metric == "l2":
             bias[r0:r1] = yn
         if dead is not None:
@@ -182,7 +175,8 @@ def error_bound(
     xn = xn2.double().sqrt() * (1 + (d + 4) * U32)
     e = norm_bound(xn, bank.radius2, d, metric, bank.prec)
     radius = bank.radius2.double().sqrt() * (1 + 1e-5)
-    ix64, iy = ix.double(), bank.iy.double()
+    # bf16 keeps float32's exponent range: its rows' underflow is `_precision`'s flushed term
+    ix64, iy = ix.double(), bank.iy if bank.prec.dtype == torch.float16 else 0.0
     neg = 2.0 if metric == "l2" else 1.0
     tiny = 2.0**-24 * math.sqrt(d) * (radius * ix64 + neg * xn * iy) + d * 2.0**-49 * ix64 * iy
     return torch.where(torch.isfinite(tiny), e + tiny, math.inf)

@@ -48,7 +48,7 @@ def nearest_kernel(
     x_ptr,  # (nq, D) scaled query operands (`operand_kernel`)
     ix_ptr,  # (nq,) float32: their inverse scales
     y_ptr,  # (nb, D) bank rows, scaled by 1 / iy
-    iy_ptr,  # () float32: the rows' inverse scale
+    iy,  # float32: the rows' inverse scale
     bias_ptr,  # (nb,) float32: |y|^2, 0, or +inf for dead rows
     best_ptr,
     second_ptr,
@@ -63,7 +63,7 @@ def nearest_kernel(
     rk = tl.arange(0, D)
     x = tl.load(x_ptr + rm[:, None] * D + rk[None, :], mask=rm[:, None] < nq, other=0.0)
     # back to the scores' own units: a power of two, exact (0 for the flagged: see above)
-    ixy = tl.load(ix_ptr + rm, mask=rm < nq, other=1.0) * tl.load(iy_ptr)
+    ixy = tl.load(ix_ptr + rm, mask=rm < nq, other=1.0) * iy
     ixy = tl.where(ixy < float("inf"), ixy, 0.0)
     best = tl.full((BLOCK_M,), float("inf"), tl.float32)
     second = tl.full((BLOCK_M,), float("inf"), tl.float32)
