@@ -35,11 +35,11 @@ from ._workspace import Workspace
 # this configuration (and was never run), so wider banks take the torch scan.
 MAX_D = 256
 # BLOCK_M queries resident, BLOCK_N bank rows per step; shared memory holds the queries and
-# num_stages row blocks (228 KiB on an H100/H200).
-# Measured on an H200 (bench/results/gpu.md: 262,144 queries x 16384 x 256, whole search):
-# (BLOCK_M, BLOCK_N, warps, stages) = (128, 64, 4, 3) 12.1 ms, (128, 64, 8, 3) 10.8,
-# (128, 128, 8, 2) 10.4, (64, 128, 4, 3) 12.1, (256, 64, 8, 2) 9.9, (128, 32, 4, 4) 16.0.
-CONFIG: dict[str, int] = {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+# num_stages row blocks (228 KiB on an H100/H200). Whole searches on an H200, 262,144 queries x
+# 16384 x 256 (bench/results/gpu.md), (BLOCK_M, BLOCK_N, warps, stages): (128, 64, 8, 3)
+# 7.67 and 7.25 ms in two runs, (256, 64, 8, 2) 7.92 and 7.97, (128, 128, 8, 2) 8.11 and
+# 7.51, (256, 32, 8, 3) 9.03 and 9.26.
+CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
 OPERAND_QUERIES = 32  # queries per program of the operand and exact kernels
