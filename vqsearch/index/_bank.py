@@ -227,7 +227,7 @@ class Bank:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k. xq (nq, d) -> D (nq, k) float32, I (nq, k) int64 ids.
         l2: squared distances ascending; ip and cosine: similarities descending.
-        precision: the candidate scan's ('auto', 'fp32', 'bf16'); the answer is exact in all."""
+        precision: the candidate scan's (see `knn`); the answer is exact in all."""
         state = self._state
         if state.ntotal == 0:
             raise EmptyBankError("the bank is empty")

@@ -18,9 +18,10 @@ bf16 or int8 scan's leftovers in fp32, an fp32 scan's keeping k + 32 rows (k = 1
 go through top-K), and what that cannot prove either by a float64 scan of the whole bank.
 Centring on the mean is what keeps R, and so E_q, small for data far from the origin.
 
-On a GPU, k = 1 with bf16 candidates runs the scan and the running best / second best as one
-Triton kernel (`_fused`), which never writes a score tile; the proof and the re-rank are the
-same.
+On a GPU, k = 1 with fp16 (or bf16) candidates runs the scan and the running best / second
+best as one Triton kernel (`_fused`), which never writes a score tile; the proof is the same,
+and the re-rank of a matrix on the GPU is one kernel. Queries from host memory are uploaded in
+chunks that the kernel searches as they land (`_upload`).
 
 Where things live: the scan runs on ``device``; the re-rank and the results are where the row
 source keeps its rows (``src.device``, the CPU for a bank on disk), so a bank on the GPU is

@@ -1,5 +1,5 @@
-"""k = 1 on a GPU in one Triton kernel: the bf16 GEMM and the running (best, row, second best)
-fused, so the score tile never goes to memory.
+"""k = 1 on a GPU in Triton kernels: the GEMM and the running (best, row, second best) fused,
+so the score tile never goes to memory.
 
 The torch scan (`_scan`) writes each bf16 score tile and reads it back for its minima: on an H200
 that pass costs as much as the GEMM, and the 2.2 TFLOP tokenization case sat at 18 ms. Here
@@ -7,13 +7,20 @@ each program keeps a block of queries resident, streams the bank through in bloc
 folds every block of scores into its running best, second best and row in registers.
 
 Scores are ``s = (-2 x) . y + |y|^2`` for l2 (both sides centred) and ``(-x) . y`` for ip and
-cosine, with x and y rounded to bf16, products accumulated in fp32 (tensor cores), and the
-float32 bias (squared norm; +inf for dead rows and padding) added once in fp32: the bound of
-`_precision.BF16_FUSED`, half that of a bf16 tile (no bf16 rounding of the scores).
+cosine, with x and y rounded to fp16 (or bf16), products accumulated in fp32 (tensor cores), and
+the float32 bias (squared norm; +inf for dead rows and padding) added once in fp32: the bound of
+`_precision.FP16` (`BF16_FUSED`), no rounding of the scores. fp16 needs its operands in range:
+each query and the bank are scaled by a power of two (exact) so that their largest component
+lands in [2**13, 2**14); what still underflows is bounded in `error_bound`.
+
+A search is four launches: `operand_kernel` centres and scales the queries, `nearest_kernel`
+scans, the bound is a few float64 ops, and after the one sync `exact_kernel` scores each chosen
+row in float64 (for a matrix on the GPU; a bank re-ranks where its rows live).
 
 Triton ships with CUDA builds of torch; without it, or for d > MAX_D (256), the torch scan runs.
-The kernel is built on first use (importing triton costs a second), and the CPU tests run it
-under Triton's interpreter (TRITON_INTERPRET=1, float32 operands) where triton is installed.
+The kernels are built on first use (importing triton costs a second), and the CPU tests run
+them under Triton's interpreter (TRITON_INTERPRET=1; bf16 as float32 operands, fp16 as fp16)
+where triton is installed.
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ from ._rows import RowSource, prepared_blocks
 from ._validate import Metric
 from ._workspace import Workspace
 
-# A block of queries stays resident, (BLOCK_M, D) bf16 per program: at D = 256 that and two
-# stages of rows take 192 of an H100/H200's 228 KiB of shared memory; wider D would not fit
-# this configuration (and was never run), so wider banks take the torch scan.
+# A block of queries stays resident, (BLOCK_M, D) 16-bit per program: at D = 256 that and the
+# stages of rows take 96 to 160 of an H100/H200's 228 KiB of shared memory; wider D would not
+# fit every configuration (and was never run), so wider banks take the torch scan.
 MAX_D = 256
 # BLOCK_M queries resident, BLOCK_N bank rows per step; shared memory holds the queries and
 # num_stages row blocks (228 KiB on an H100/H200). Whole searches on an H200, 262,144 queries x

@@ -40,9 +40,10 @@ def knn(
     by the lowest row. l2: squared distances; ip: inner products; cosine: cosine similarities.
     Scratch memory is bounded by `tile_elems` (default: 2**21 on a CPU, 2**29 on a GPU; see
     `vqsearch.index._exact`), not by nq x nb. precision: the candidate scan's arithmetic,
-    'auto' (bf16 where the hardware runs it natively), 'fp32' or 'bf16'; the answer is exact
-    in all three, only the speed differs. stats: a Counter to which each scan adds how many
-    queries it scanned and proved ("bf16 k=1 scanned", ...); the unproved went on to the next.
+    'auto' (see `_precision.choose`), 'fp32', 'bf16', 'fp16' (the fused GPU kernel, k = 1) or
+    'int8' (CPU, k = 1); the answer is exact in all of them, only the speed differs. stats: a
+    Counter to which each scan adds how many queries it scanned and proved ("bf16 k=1
+    scanned", ...); the unproved went on to the next.
     """
     metric = check_metric(metric)
     xb_t = as_matrix(xb, "xb")

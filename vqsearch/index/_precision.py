@@ -169,7 +169,8 @@ def resolve(
 ) -> Precision:
     """The precision of a search's first scan. 'auto' also remembers, per bank (hints), whether
     bf16 proved most queries on the last try: where it did not, the next calls go to fp32 (a
-    k-means codebook: ~0.3% proven) and every PROBE_EVERY-th call looks again."""
+    k-means codebook: ~0.3% proven) and every PROBE_EVERY-th call looks again. fp16 and int8
+    are remembered the same way."""
     if isinstance(precision, Precision):
         return precision
     prec = choose(device, precision, k, fused)
@@ -181,6 +182,6 @@ def resolve(
 
 
 def record(hints: dict[str, list[float]] | None, prec: Precision, k: int, proven: float) -> None:
-    """Note the proven fraction of a bf16 or int8 scan for `resolve`."""
+    """Note the proven fraction of a bf16, fp16 or int8 scan for `resolve`."""
     if hints is not None and prec in LOW:
         hints.setdefault(f"{prec.name} k={k}", [1.0, 0.0])[0] = proven
