@@ -364,6 +364,8 @@ def _search_nearest(
         _copy_stream(device).wait_stream(torch.cuda.current_stream(device))  # xd's last users
     else:
         xq = xd = _on_device(xq, device)
+    if prec is FP16 and fused is None:  # fp16 only in the kernel, whose operands are scaled
+        prec = fp32
     packed = _int8_bank(src, nq, bs_q, metric, center, device, ws, gpu) if prec is INT8 else None
     if prec is INT8 and packed is None:
         prec = fp32
