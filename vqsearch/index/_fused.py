@@ -13,9 +13,9 @@ the float32 bias (squared norm; +inf for dead rows and padding) added once in fp
 each query and the bank are scaled by a power of two (exact) so that their largest component
 lands in [2**13, 2**14); what still underflows is bounded in `error_bound`.
 
-A search is four launches: `operand_kernel` centres and scales the queries, `nearest_kernel`
-scans, the bound is a few float64 ops, and after the one sync `exact_kernel` scores each chosen
-row in float64 (for a matrix on the GPU; a bank re-ranks where its rows live).
+A search is three kernels: `operand_kernel` centres and scales the queries, `nearest_kernel`
+scans (the bound is then a few float64 torch ops), and after the one sync `exact_kernel` scores
+each chosen row in float64 (for a matrix on the GPU; a bank re-ranks where its rows live).
 
 Triton ships with CUDA builds of torch; without it, or for d > MAX_D (256), the torch scan runs.
 The kernels are built on first use (importing triton costs a second), and the CPU tests run
