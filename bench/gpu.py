@@ -128,22 +128,7 @@ def breakdown(xq: torch.Tensor, xb: torch.Tensor, repeats: int) -> list[str]:
     nq = len(xq)
     best, second = torch.empty(nq, device=DEV), torch.empty(nq, device=DEV)
     arg = torch.empty(nq, dtype=torch.int64, device=DEV)
-    xh = torch.empty(nq, bank.y.shape[1], dtype=bank.y.dtype, device=DEV)
-    xn2, ix = torch.empty(nq, device=DEV), torch.empty(nq, device=DEV)
-    k = _fused._kernel()
-    cfg = _fused.CONFIG
-
-    def operand() -> None:
-        c, has = (xq, False) if center is None else (center, True)
-        k.operand_kernel[(-(-nq // 32),)](
-            xq, c, xh, xn2, ix, nq, D, NEG=-2.0, HAS_CENTER=has, D=D, BLOCK_Q=32
-        )
-
-    def kernel() -> None:
-        k.nearest_kernel[(-(-nq // cfg["BLOCK_M"]),)](
-            xh, ix, bank.y, bank.iy, bank.bias, best, second, arg, nq, NB, D=D, **cfg
-        )
-
+    xh, xn2, ix = _fused.query_operand(xq, center, bank, "l2")
     bq = min(16384, NQ)
     xa = torch.zeros(bq, 264, device=DEV, dtype=torch.bfloat16)
     xa[:, :D] = -2 * xq[:bq]
@@ -155,8 +140,10 @@ def breakdown(xq: torch.Tensor, xb: torch.Tensor, repeats: int) -> list[str]:
         "bank operand (fp16, scaled)": lambda: _fused.bank_operand(
             src, 16384, "l2", center, prec, DEV, Workspace()
         ),
-        "query operand kernel (centre, scale, fp16)": operand,
-        "nearest kernel alone": kernel,
+        "query operand kernel (centre, scale, fp16)": lambda: _fused.query_operand(
+            xq, center, bank, "l2"
+        ),
+        "nearest kernel alone": lambda: _fused.scan(xh, ix, bank, best, second, arg),
         "error bound (float64, per query)": lambda: _fused.error_bound(xn2, ix, bank, "l2"),
         "proof read to the host (one sync)": lambda: (second.double() > best.double()).cpu(),
         "exact kernel (float64 distance of the chosen row)": lambda: _fused.exact(

@@ -184,9 +184,12 @@ def test_search_scratch_stays_under_24_mib(rng, monkeypatch, nq, k):
 
 
 def test_fp16_without_the_fused_kernel_scans_in_fp32(rng):
-    """fp16 exists only in the fused GPU kernel: asked for elsewhere, the scan is fp32, exact."""
+    """fp16 exists only in the fused GPU kernel: asked for elsewhere (a CPU, or top-k), the
+    scan is fp32, exact."""
     xq, xb = hard_datasets(rng)["clustered"]
-    stats: Counter[str] = Counter()
-    I = knn(xq, xb, 1, device="cpu", precision=_precision.FP16, stats=stats)[1]
-    np.testing.assert_array_equal(I, brute_force(xq, xb, 1, "l2")[1])
-    assert stats["fp32 k=1 scanned"] == len(xq) and not stats["fp16 k=1 scanned"]
+    for k in (1, 5):
+        stats: Counter[str] = Counter()
+        I = knn(xq, xb, k, device="cpu", precision=_precision.FP16, stats=stats)[1]
+        np.testing.assert_array_equal(I, brute_force(xq, xb, k, "l2")[1])
+        assert not any(key.startswith("fp16") for key in stats), stats
+        assert stats[next(iter(stats))] == len(xq) and next(iter(stats)).startswith("fp32")

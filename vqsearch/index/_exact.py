@@ -364,8 +364,6 @@ def _search_nearest(
         _copy_stream(device).wait_stream(torch.cuda.current_stream(device))  # xd's last users
     else:
         xq = xd = _on_device(xq, device)
-    if prec is FP16 and fused is None:  # fp16 only in the kernel, whose operands are scaled
-        prec = fp32
     packed = _int8_bank(src, nq, bs_q, metric, center, device, ws, gpu) if prec is INT8 else None
     if prec is INT8 and packed is None:
         prec = fp32
@@ -413,7 +411,7 @@ def _search_nearest(
         record(hints, p, 1, n_ok / (end - i0))
         low[i0:end] = p.u_in > fp32.u_in
     # A matrix on the GPU: the chosen rows scored in one kernel, not torch's float64 passes.
-    on_gpu = isinstance(src, MatrixRows) and fused is not None and dev.type == "cuda"
+    on_gpu = fused is not None and dev.type == "cuda"
     direct = src.xb if on_gpu and isinstance(src, MatrixRows) else None
     if bool(ok.all()):  # the usual case: no gathers, no index copies
         if direct is not None:

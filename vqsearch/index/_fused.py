@@ -114,7 +114,8 @@ def bank_operand(
     nb, d = src.n, src.d
     radius2 = torch.zeros((), device=device)
     scale, iy = 1.0, 1.0
-    if prec.dtype == torch.float16:
+    fp16 = prec.dtype == torch.float16
+    if fp16:
         for _, _, yn, _ in prepared_blocks(src, bs, metric, center, device, ws=ws):
             torch.maximum(radius2, yn.max(), out=radius2)
         # every component is at most the radius (rounded up for the float32 sums)
@@ -128,8 +129,50 @@ def bank_operand(
             bias[r0:r1] = yn
         if dead is not None:
             bias[r0:r1].masked_fill_(dead, float("inf"))
-        torch.maximum(radius2, yn.max(), out=radius2)
+        if not fp16:  # else the first pass has it
+            torch.maximum(radius2, yn.max(), out=radius2)
     return BankOperand(y, iy, bias, radius2, prec)
+
+
+def query_operand(
+    x: torch.Tensor, center: torch.Tensor | None, bank: BankOperand, metric: Metric
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(operand (nq, D), |x - c|^2 (nq,), inverse scales (nq,)) of queries x (nq, d) float32:
+    as given for l2 (centred here) and ip, unit-norm for cosine (`operand_kernel`)."""
+    nq, d = x.shape
+    xh = torch.empty(nq, bank.y.shape[1], dtype=bank.y.dtype, device=x.device)
+    xn2, ix = torch.empty(nq, device=x.device), torch.empty(nq, device=x.device)
+    _kernel().operand_kernel[(-(-nq // OPERAND_QUERIES),)](
+        x,
+        x if center is None else center.to(x.device),
+        xh,
+        xn2,
+        ix,
+        nq,
+        d,
+        NEG=-2.0 if metric == "l2" else -1.0,
+        HAS_CENTER=center is not None,
+        D=bank.y.shape[1],
+        BLOCK_Q=OPERAND_QUERIES,
+    )
+    return xh, xn2, ix
+
+
+def scan(
+    xh: torch.Tensor,
+    ix: torch.Tensor,
+    bank: BankOperand,
+    best: torch.Tensor,
+    second: torch.Tensor,
+    arg: torch.Tensor,
+    config: dict[str, int] | None = None,
+) -> None:
+    """`nearest_kernel` over query operands: best, second best (float32), row (int64)."""
+    nq, cfg = xh.shape[0], config or CONFIG
+    _kernel().nearest_kernel[(-(-nq // cfg["BLOCK_M"]),)](
+        xh, ix, bank.y, bank.iy, bank.bias, best, second, arg, nq, bank.y.shape[0],
+        D=bank.y.shape[1], **cfg,
+    )  # fmt: skip
 
 
 def nearest(
@@ -145,28 +188,8 @@ def nearest(
     """Write the best score, second best score (float32) and row (int64) of every query x
     (nq, d) float32 into best, second, arg (nq,); return their error bounds E_q (nq,) float64.
     x is as given for l2 (the kernel centres it) and ip, unit-norm for cosine."""
-    nq, d = x.shape
-    kernels = _kernel()
-    xh = torch.empty(nq, bank.y.shape[1], dtype=bank.y.dtype, device=x.device)
-    xn2, ix = torch.empty(nq, device=x.device), torch.empty(nq, device=x.device)
-    kernels.operand_kernel[(-(-nq // OPERAND_QUERIES),)](
-        x,
-        x if center is None else center.to(x.device),
-        xh,
-        xn2,
-        ix,
-        nq,
-        d,
-        NEG=-2.0 if metric == "l2" else -1.0,
-        HAS_CENTER=center is not None,
-        D=bank.y.shape[1],
-        BLOCK_Q=OPERAND_QUERIES,
-    )
-    cfg = config or CONFIG
-    kernels.nearest_kernel[(-(-nq // cfg["BLOCK_M"]),)](
-        xh, ix, bank.y, bank.iy, bank.bias, best, second, arg, nq, bank.y.shape[0],
-        D=bank.y.shape[1], **cfg,
-    )  # fmt: skip
+    xh, xn2, ix = query_operand(x, center, bank, metric)
+    scan(xh, ix, bank, best, second, arg, config)
     return error_bound(xn2, ix, bank, metric)
 
 

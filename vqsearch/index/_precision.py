@@ -172,7 +172,8 @@ def resolve(
     k-means codebook: ~0.3% proven) and every PROBE_EVERY-th call looks again. fp16 and int8
     are remembered the same way."""
     if isinstance(precision, Precision):
-        return precision
+        # fp16 exists only in the fused kernel, whose operands are scaled into its range
+        return _fp32_gemm(device) if precision is FP16 and not fused else precision
     prec = choose(device, precision, k, fused)
     if precision != "auto" or prec not in LOW or hints is None:
         return prec
