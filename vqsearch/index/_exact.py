@@ -1,11 +1,12 @@
 """Exact k-NN by torch matmul expansion, equal to float64 brute force (ties: lowest id first).
 
 1. Scan (`_scan`). Candidate scores, blocked over queries (``bs_q``) and bank (``bs_b``) with a
-   running top-K (K = k + 2): ``s = ||y||^2 - 2 x.y`` for l2 with both sides centred on the bank
-   mean (the norm of x is constant per query, so it is left out), ``s = -x.y`` for ip and
-   cosine. The scan runs in bf16, int8 or fp32 (`_precision`: bf16 where the CPU or GPU runs it
-   natively; for k = 1 on other CPUs int8, `_int8`, with a bound of its own). k = 1 keeps a
-   running best and second best instead of a top-K.
+   running top-K (K = k + 2; k + 8 where faiss's heaps keep it, `_heap`: row-major CPU tiles):
+   ``s = ||y||^2 - 2 x.y`` for l2 with both sides centred on the bank mean (the norm of x is
+   constant per query, so it is left out), ``s = -x.y`` for ip and cosine. The scan runs in
+   bf16, int8 or fp32 (`_precision`: bf16 where the CPU or GPU runs it natively; for k = 1 on
+   other CPUs int8, `_int8`, with a bound of its own). k = 1 keeps a running best and second
+   best instead of a top-K.
 2. Re-rank. The K kept rows are scored again in float64 by the direct formula (``sum((x-y)^2)``,
    ``x.y``, ``x.y / |x||y|``) and sorted by (distance, id).
 
@@ -61,12 +62,17 @@ from ._precision import (
     resolve,
 )
 from ._rows import MatrixRows, RowSource, prepare
-from ._scan import SLABS, TOPK_SLABS, gpu_style, scan_topk, tiles, update_best2
+from ._scan import SLABS, TOPK_SLABS, gpu_style, heap_tiles, scan_topk, tiles, update_best2
 from ._validate import Metric
 from ._workspace import Workspace, borrow
 
 TILE_ELEMS = 1 << 21  # k = 1: 2048 queries x 1024 rows, measured fastest here
 TOPK_TILE_ELEMS = 1 << 21  # top-k: 1024 queries x 2048 rows; larger tiles leave the cache
+# top-k into faiss's heaps (`_heap`): 1024 x 512 tiles (2 MiB, in the two cores' L2) ran the
+# GEMM some 15% faster than 1024 x 2048 (/tmp measurements summarised in bench/results/exact.md)
+HEAP_TILE_ELEMS = 1 << 19
+HEAP_BANK_BLOCK = 512
+HEAP_MARGIN = 8  # kept beyond k by a first scan into heaps
 RERANK_ELEMS = 1 << 16  # float64: 512 KiB chunks, under the service's 1 MiB mmap threshold
 GPU_TILE_ELEMS = 1 << 29  # 32768 queries x 16384 rows: few kernels (H200: 2**28 28 ms, 2**29 18)
 GPU_BANK_BLOCK = 16384
@@ -195,15 +201,20 @@ def _count(stats: Counter[str] | None, scan: str, scanned: int, proven: int) -> 
 def _block_sizes(
     nq: int, src: RowSource, tile_elems: int, bs_b: int, slabs: int
 ) -> tuple[int, int]:
-    """(bs_q, bs_b): bank blocks of the preferred size (a multiple of the slab count), as many
-    queries as fit in the tile. Few queries get wider bank blocks: a tile costs some twenty
-    small ops whatever its size (a one-vector request: one tile, not sixteen), as long as a
-    block of bank rows stays under tile_elems elements (it is prepared in scratch)."""
+    """(bs_q, bs_b): bank blocks of the preferred size (a multiple of the slab count), the
+    queries split into equal blocks of at most as many as fit in the tile (1000 queries: one
+    block, not 992 and then 8 that stream the whole bank again for little work). Blocks of few
+    queries get wider bank blocks: a tile costs some twenty small ops whatever its size (a
+    one-vector request: one tile, not sixteen), as long as a block of bank rows stays under
+    tile_elems elements (it is prepared in scratch)."""
     bs_b = max(slabs, min(bs_b, tile_elems // 16) // slabs * slabs)
-    if nq * bs_b < tile_elems:
-        wide = min(tile_elems // max(nq, 1), src.n, tile_elems // src.d)
+    nq = max(nq, 1)
+    n_blocks = -(-nq // max(1, tile_elems // bs_b))
+    bs_q = -(-nq // n_blocks)
+    if bs_q * bs_b < tile_elems:
+        wide = min(tile_elems // bs_q, src.n, tile_elems // src.d)
         bs_b = max(bs_b, -(-wide // slabs) * slabs)
-    return max(1, min(nq, tile_elems // bs_b)), bs_b
+    return bs_q, bs_b
 
 
 def _put(
@@ -240,9 +251,15 @@ def _search_topk(
     hints = getattr(src, "hints", None)
     prec = resolve(precision, device, k, hints)
     fp32 = choose(device, "fp32")
-    kk = min(src.n, k + margins[0])
-    tile_elems = tile_elems or (GPU_TILE_ELEMS if gpu else TOPK_TILE_ELEMS)
-    bs_q, bs_b = _block_sizes(nq, src, tile_elems, GPU_BANK_BLOCK if gpu else 2048, TOPK_SLABS)
+    heaps = heap_tiles(nq, prec, gpu) and nq > 1  # one query: wide tiles, few of them
+    # A heap's cost hardly depends on its size: a wider first margin spares the retry's pass
+    # over the whole bank (1 of 1000 queries unproven at k + 2 in bench/exact.py case (b)).
+    kk = min(src.n, k + (max(margins[0], HEAP_MARGIN) if heaps else margins[0]))
+    tile_elems = tile_elems or (
+        GPU_TILE_ELEMS if gpu else HEAP_TILE_ELEMS if heaps else TOPK_TILE_ELEMS
+    )
+    block = GPU_BANK_BLOCK if gpu else HEAP_BANK_BLOCK if heaps else 2048
+    bs_q, bs_b = _block_sizes(nq, src, tile_elems, block, TOPK_SLABS)
     out = (
         torch.empty(nq, k, dtype=torch.float64, device=dev),
         torch.empty(nq, k, dtype=torch.int64, device=dev),

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ._heap import Heaps
 from ._precision import Precision
 from ._rows import RowSource, prepared_blocks
 from ._validate import Metric
@@ -39,6 +40,12 @@ BANK_MAJOR_QUERIES = 256
 def gpu_style(device: torch.device) -> bool:
     """Whether the scan runs the GPU way (module docstring); tests force it on the CPU too."""
     return device.type != "cpu"
+
+
+def heap_tiles(bq: int, prec: Precision, gpu: bool) -> bool:
+    """Whether `scan_topk` selects from this block's tiles with faiss's heaps (`_heap`): on a
+    CPU, fp32 tiles computed row-major (not bank-major, `BANK_MAJOR_QUERIES`)."""
+    return not gpu and prec.dtype == torch.float32 and not 1 < bq <= BANK_MAJOR_QUERIES
 
 
 def _queries_for_gemm(
@@ -227,8 +234,14 @@ def scan_topk(
 
     Past the first tiles most queries have nothing to gain from a tile: none of its group
     minima beats their kk-th best so far. On a CPU only those ("hot") open groups and merge;
-    on a GPU every query does (opening its kk best groups covers its top kk of the tile)."""
+    on a GPU every query does (opening its kk best groups covers its top kk of the tile).
+    Row-major fp32 CPU tiles go to faiss's compiled heaps instead (`heap_tiles`)."""
     bq = xs.shape[0]
+    if heap_tiles(bq, prec, gpu):
+        heaps = Heaps(bq, kk)
+        for r0, tile in tiles(xs, src, center, metric, bs_b, radius2, prec, ws):
+            heaps.add(tile, r0)
+        return heaps.result()
     ng = -(-bs_b // TOPK_SLABS)
     gbuf = ws.get("groups", (bq, max(ng, bs_b // 2)), prec.dtype, xs.device)
     vals = torch.full((bq, kk), math.inf, device=xs.device)
