@@ -34,7 +34,8 @@ class Heaps:
         """Fold in a tile (bq, w), contiguous float32 on the CPU, whose column j is row r0 + j.
         Scores equal to a heap top are not taken (nor +inf, dead rows, nor NaN)."""
         a = tile.contiguous().numpy()  # addn reads rows w apart
-        self._h.addn(a.shape[1], faiss.swig_ptr(a), r0, 0, a.shape[0])
+        # faiss's stub omits addn's j0, i0 and ni (faiss/utils/Heap.h has them; tested)
+        self._h.addn(a.shape[1], faiss.swig_ptr(a), r0, 0, a.shape[0])  # type: ignore[call-arg]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores float32 (bq, kk), rows (bq, kk)), best first; slots never filled (fewer
