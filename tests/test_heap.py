@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -27,7 +29,8 @@ def test_heaps_keep_the_smallest_scores_of_all_tiles(rng):
     heaps = _heap.Heaps(37, 9)
     for r0 in range(0, 1000, 128):
         heaps.add(scores[:, r0 : r0 + 128].contiguous(), r0)
-    vals, rows = heaps.result()
+    vals, order = heaps.result()[0].sort(1)
+    rows = heaps.result()[1].gather(1, order)
     want, want_rows = scores.topk(9, dim=1, largest=False)
     torch.testing.assert_close(vals, want, rtol=0, atol=0)
     torch.testing.assert_close(rows, want_rows, rtol=0, atol=0)
@@ -38,7 +41,8 @@ def test_heaps_skip_dead_rows_and_report_empty_slots():
     tile = torch.tensor([[3.0, float("inf"), 1.0], [float("inf")] * 3])
     heaps = _heap.Heaps(2, 4)
     heaps.add(tile, 10)
-    vals, rows = heaps.result()
+    vals, order = heaps.result()[0].sort(1)
+    rows = heaps.result()[1].gather(1, order)
     assert vals[0, :2].tolist() == [1.0, 3.0] and rows[0, :2].tolist() == [12, 10]
     assert torch.isinf(vals[0, 2:]).all() and torch.isinf(vals[1]).all()
     assert (rows[0, 2:] == 0).all() and (rows[1] == 0).all()
@@ -78,4 +82,23 @@ def test_heaps_take_the_largest_finite_score():
     heaps = _heap.Heaps(1, 2)
     heaps.add(torch.tensor([[float(np.finfo(np.float32).max), float("inf")]]), 0)
     vals, rows = heaps.result()
-    assert vals[0, 0] == np.finfo(np.float32).max and rows[0, 0] == 0 and torch.isinf(vals[0, 1])
+    assert sorted(vals[0].tolist()) == [np.finfo(np.float32).max, math.inf]
+    assert rows[0].tolist() == [0, 0]  # row 0 holds the score; the empty slot reads row 0 too
+
+
+def test_heaps_fold_wide_tiles_in_serial_calls(rng, monkeypatch):
+    """Rows go to addn in calls of at most SERIAL_SCORES scores (faiss's OpenMP stays idle),
+    and the result is the same as one call."""
+    calls: list[int] = []
+    real = _heap.faiss.float_maxheap_array_t.addn
+    monkeypatch.setattr(
+        _heap.faiss.float_maxheap_array_t,
+        "addn",
+        lambda self, nj, vin, j0, i0, ni: calls.append(nj * ni) or real(self, nj, vin, j0, i0, ni),
+    )
+    scores = torch.from_numpy(rng.standard_normal((300, 700)).astype(np.float32))
+    heaps = _heap.Heaps(300, 5)
+    heaps.add(scores, 0)
+    assert len(calls) > 1 and max(calls) <= _heap.SERIAL_SCORES
+    vals = heaps.result()[0].sort(1)[0]
+    torch.testing.assert_close(vals, scores.topk(5, dim=1, largest=False)[0], rtol=0, atol=0)
