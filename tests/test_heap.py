@@ -23,14 +23,20 @@ def counted(monkeypatch) -> list[int]:
     return calls
 
 
+def _sorted(heaps: _heap.Heaps) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heaps' result best first, as the scan's caller sorts it."""
+    vals, rows = heaps.result()
+    vals, order = vals.sort(1)
+    return vals, rows.gather(1, order)
+
+
 def test_heaps_keep_the_smallest_scores_of_all_tiles(rng):
     """Tiles folded in one by one leave each row's kk smallest scores and their rows."""
     scores = torch.from_numpy(rng.standard_normal((37, 1000)).astype(np.float32))
     heaps = _heap.Heaps(37, 9)
     for r0 in range(0, 1000, 128):
         heaps.add(scores[:, r0 : r0 + 128].contiguous(), r0)
-    vals, order = heaps.result()[0].sort(1)
-    rows = heaps.result()[1].gather(1, order)
+    vals, rows = _sorted(heaps)
     want, want_rows = scores.topk(9, dim=1, largest=False)
     torch.testing.assert_close(vals, want, rtol=0, atol=0)
     torch.testing.assert_close(rows, want_rows, rtol=0, atol=0)
@@ -41,8 +47,7 @@ def test_heaps_skip_dead_rows_and_report_empty_slots():
     tile = torch.tensor([[3.0, float("inf"), 1.0], [float("inf")] * 3])
     heaps = _heap.Heaps(2, 4)
     heaps.add(tile, 10)
-    vals, order = heaps.result()[0].sort(1)
-    rows = heaps.result()[1].gather(1, order)
+    vals, rows = _sorted(heaps)
     assert vals[0, :2].tolist() == [1.0, 3.0] and rows[0, :2].tolist() == [12, 10]
     assert torch.isinf(vals[0, 2:]).all() and torch.isinf(vals[1]).all()
     assert (rows[0, 2:] == 0).all() and (rows[1] == 0).all()
@@ -100,5 +105,5 @@ def test_heaps_fold_wide_tiles_in_serial_calls(rng, monkeypatch):
     heaps = _heap.Heaps(300, 5)
     heaps.add(scores, 0)
     assert len(calls) > 1 and max(calls) <= _heap.SERIAL_SCORES
-    vals = heaps.result()[0].sort(1)[0]
+    vals = _sorted(heaps)[0]
     torch.testing.assert_close(vals, scores.topk(5, dim=1, largest=False)[0], rtol=0, atol=0)

@@ -67,7 +67,9 @@ from ._validate import Metric
 from ._workspace import Workspace, borrow
 
 TILE_ELEMS = 1 << 21  # k = 1: 2048 queries x 1024 rows, measured fastest here
-TOPK_TILE_ELEMS = 1 << 21  # top-k: 1024 queries x 2048 rows; larger tiles leave the cache
+# top-k of 2 to 256 queries (bank-major), of one query, or in bf16: 1024 x 2048 at most; larger
+# tiles leave the cache
+TOPK_TILE_ELEMS = 1 << 21
 # top-k into faiss's heaps (`_heap`): 1024 x 512 tiles (2 MiB, in the two cores' L2). A sweep
 # on the 2-core VM (200,000 x 128, 1000 queries, k = 10; faiss 0.48 s): 2**18/256 0.49 s,
 # 2**19/512 0.45 s, 2**20/1024 0.54 s, 2**21/2048 0.61 s.

@@ -42,10 +42,17 @@ def gpu_style(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def bank_major_block(bq: int, prec: Precision, gpu: bool) -> bool:
+    """Whether `tiles` computes a block of bq (padded) queries bank-major: fp32 on a CPU, 2 to
+    `BANK_MAJOR_QUERIES` queries."""
+    return not gpu and prec.dtype == torch.float32 and 1 < bq <= BANK_MAJOR_QUERIES
+
+
 def heap_tiles(bq: int, prec: Precision, gpu: bool) -> bool:
     """Whether `scan_topk` selects from this block's tiles with faiss's heaps (`_heap`): on a
-    CPU, fp32 tiles computed row-major (not bank-major, `BANK_MAJOR_QUERIES`)."""
-    return not gpu and prec.dtype == torch.float32 and not 1 < bq <= BANK_MAJOR_QUERIES
+    CPU, fp32 tiles computed row-major."""
+    fp32_cpu = not gpu and prec.dtype == torch.float32
+    return fp32_cpu and not bank_major_block(bq, prec, gpu)
 
 
 def _queries_for_gemm(
@@ -93,7 +100,7 @@ def tiles(
     bq, d = xs.shape
     xg = _queries_for_gemm(xs, metric, prec, gpu, ws)
     bqp = xg.shape[0]
-    transposed = not gpu and xg.dtype == torch.float32 and 1 < bqp <= BANK_MAJOR_QUERIES
+    transposed = bank_major_block(bqp, prec, gpu)
     # One buffer for every tile of the scan: fresh 8-32 MiB tiles would each be page-faulted in.
     buf = ws.get("tile", (bqp * bs_b,), prec.dtype, xs.device)
     for r0, yp, yn, dead in prepared_blocks(src, bs_b, metric, center, xs.device, prec.dtype, ws):
