@@ -34,6 +34,7 @@ from ._validate import (
 
 MAX_SEGMENTS = 16
 MAX_DEAD_FRACTION = 0.25
+MAX_ID = int(np.iinfo(np.int64).max)
 
 
 def as_ids(ids: Any, name: str = "ids") -> np.ndarray:
@@ -41,8 +42,11 @@ def as_ids(ids: Any, name: str = "ids") -> np.ndarray:
     t = as_tensor(ids, name)
     if t.ndim != 1:
         raise RankError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
-    if t.is_floating_point() and not bool((t == t.round()).all()):
-        raise InvalidIdError(f"{name} must be integers")
+    if t.is_floating_point():
+        if not bool((t == t.round()).all()):
+            raise InvalidIdError(f"{name} must be integers")
+        if t.numel() and float(t.abs().max()) >= 2.0**63:
+            raise InvalidIdError(f"{name} must be below 2**63 (int64)")
     a = t.cpu().numpy().astype(np.int64)
     if (a < 0).any():
         raise InvalidIdError(f"{name} must be >= 0; got {int(a.min())}")
@@ -252,7 +256,8 @@ class Bank:
     # -- writing -----------------------------------------------------------------------------
 
     def add(self, xb: Any, ids: Any = None) -> np.ndarray:
-        """Append vectors (n, d); ids default to max id + 1 onwards. Returns the ids added."""
+        """Append vectors (n, d); ids default to max id + 1 onwards. Returns the ids added.
+        No vectors: nothing is written and the generation stays."""
         x = as_matrix(xb, "xb", self.d)
         if self.metric == "cosine":
             x = normalize(x, "xb")
@@ -261,6 +266,11 @@ class Bank:
             state = self._state
             if ids is None:
                 start = int(state.all_ids.max()) + 1 if len(state.all_ids) else 0
+                if start + len(vec) - 1 > MAX_ID:
+                    raise InvalidIdError(
+                        f"default ids would run past {MAX_ID} (the bank's largest id is "
+                        f"{start - 1}); give ids explicitly"
+                    )
                 new_ids = np.arange(start, start + len(vec), dtype=np.int64)
             else:
                 new_ids = as_ids(ids)
@@ -285,8 +295,11 @@ class Bank:
             return new_ids
 
     def remove(self, ids: Any) -> int:
-        """Delete the given ids (all or none: UnknownIdError if any is missing). Returns count."""
+        """Delete the given ids (all or none: UnknownIdError if any is missing). Returns count.
+        No ids: nothing is written and the generation stays."""
         flat = np.unique(as_ids(ids))
+        if len(flat) == 0:  # a write that changes nothing changes no version
+            return 0
         with self._lock:
             state = self._state
             rows = state.rows_of(flat)

@@ -90,6 +90,14 @@ def home(src: RowSource) -> torch.device:
     return getattr(src, "device", CPU)
 
 
+def _empty(dev: torch.device, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answer to no queries: D float64 (0, k), ids int64 (0, k)."""
+    return (
+        torch.empty(0, k, dtype=torch.float64, device=dev),
+        torch.empty(0, k, dtype=torch.int64, device=dev),
+    )
+
+
 def _on_device(xq: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Queries from host memory onto a GPU in one copy (block by block, pageable copies and
     the re-rank's gathers from host memory cost more than the search). Measured on an H200
@@ -246,6 +254,8 @@ def _search_topk(
     after fp32 keeping more rows, and those still unproven by the float64 scan."""
     ws = ws or Workspace()
     nq, dev = xq.shape[0], home(src)
+    if nq == 0:  # an empty batch is valid input: an empty answer of the same shape
+        return _empty(dev, k)
     if not margins:
         _count(stats, "float64", len(xq), len(xq))
         return _scan64(xq, src, metric, k)
@@ -358,6 +368,9 @@ def _search_nearest(
     early on a bank where it proves too little)."""
     ws = ws or Workspace()
     nq, dev, gpu = xq.shape[0], home(src), gpu_style(device)
+    if nq == 0:
+        none_d, none_i = _empty(dev, 1)
+        return none_d[:, 0], none_i[:, 0]
     hints = getattr(src, "hints", None)
     fusable = gpu and _fused.available(device, src.n, src.d)
     prec = resolve(precision, device, 1, hints, fusable)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,15 @@ _FAISS_METRIC = {
     "cosine": faiss.METRIC_INNER_PRODUCT,
 }
 TRAIN_SIZE = 100_000
-DEFAULT_K_FACTOR = 4
+DEFAULT_K_FACTOR = 4.0
+# faiss trains and searches in float32: a squared distance between rows of norm up to this
+# stays below float32's 3.4e38 ((2 * 2**60)**2 = 2**122); beyond it k-means sees inf and faiss
+# aborts the process from inside an OpenMP region, where no exception can be caught.
+MAX_FAISS_NORM = 2.0**60
+MAX_NBITS = 16  # faiss's product quantizers take at most 16 bits per code
+MAX_CENTROID_BYTES = 1 << 30  # 2**nbits * d floats per PQ: allocated when the spec is made
+_IVF = re.compile(r"IVF(\d+)")
+_PQ = re.compile(r"PQ(\d+)(?:x(\d+))?")
 
 
 def default_spec(nb: int, d: int) -> str:
@@ -54,12 +63,66 @@ def _factory(d: int, spec: str, metric: Metric) -> Any:
         return faiss.index_factory(d, spec, _FAISS_METRIC[metric])
     except RuntimeError as exc:
         msg = str(exc).splitlines()[-1] if str(exc) else repr(exc)
+        # faiss's reason, without its C++ signature and source location
+        msg = re.sub(r"^Error in .* at \S+:\d+: (Error: '.*' failed: )?", "", msg)
         raise FactoryStringError(f"faiss cannot build {spec!r} for d={d}: {msg}") from exc
 
 
-def check_spec(spec: str, d: int, metric: Metric = "l2") -> None:
-    """Raise FactoryStringError unless faiss can make an index from `spec` (no training)."""
-    _factory(d, spec, check_metric(metric))
+def check_spec(
+    spec: str, d: int, metric: Metric = "l2", nb: int | None = None, train_size: int = TRAIN_SIZE
+) -> None:
+    """Raise FactoryStringError unless faiss can make an index from `spec` for d, and (given
+    the bank size nb) train it on min(nb, train_size) vectors: every k-means in it (the IVF
+    lists, 2**nbits centroids per PQ sub-quantizer) needs at least as many training points as
+    centroids. The sizes are read from the text before faiss allocates anything."""
+    metric = check_metric(metric)
+    n_train = None if nb is None else min(nb, train_size)
+    for m in _IVF.finditer(spec):
+        nlist = int(m.group(1))
+        if n_train is not None and nlist > n_train:
+            raise FactoryStringError(
+                f"{spec!r}: IVF{nlist} needs at least {nlist} training vectors; the bank "
+                f"has {nb}" + (f" (train_size={train_size})" if nb and nb > train_size else "")
+            )
+    for m in _PQ.finditer(spec):
+        nbits = int(m.group(2) or 8)
+        if not 1 <= nbits <= MAX_NBITS:
+            raise FactoryStringError(f"{spec!r}: PQ codes of {nbits} bits; faiss takes 1 to 16")
+        if (1 << nbits) * d * 4 > MAX_CENTROID_BYTES:
+            raise FactoryStringError(
+                f"{spec!r}: 2**{nbits} centroids of d={d} take {(1 << nbits) * d * 4} bytes; "
+                f"at most {MAX_CENTROID_BYTES}"
+            )
+        if n_train is not None and (1 << nbits) > n_train:
+            raise FactoryStringError(
+                f"{spec!r}: {nbits}-bit PQ codes need at least {1 << nbits} training vectors; "
+                f"the bank has {nb}"
+            )
+    _factory(d, spec, metric)
+
+
+def check_trainable(x: np.ndarray) -> None:
+    """Refuse rows faiss's float32 arithmetic cannot train on (InvalidInputError)."""
+    if not len(x):
+        return
+    top = float(np.sqrt(np.max(np.einsum("ij,ij->i", x, x, dtype=np.float64))))
+    if top > MAX_FAISS_NORM:
+        raise InvalidInputError(
+            f"vectors of norm up to {top:.3g}: faiss trains in float32, whose squared "
+            f"distances overflow beyond norm {MAX_FAISS_NORM:.3g}; scale the bank down or "
+            "search it exactly"
+        )
+
+
+def _find(index: Any, kind: type) -> Any:
+    """The first index of type `kind` in the wrapping chain (IDMap, PreTransform, Refine)."""
+    index = faiss.downcast_index(index)
+    while index is not None:
+        if isinstance(index, kind):
+            return index
+        inner = getattr(index, "index", None) or getattr(index, "base_index", None)
+        index = None if inner is None else faiss.downcast_index(inner)
+    return None
 
 
 def _search_params(index: Any, nprobe: int | None, k_factor: float | None, keep: list[Any]) -> Any:
@@ -99,7 +162,7 @@ class ApproxIndex:
 
     def __init__(self, index: Any, spec: str, metric: Metric, nprobe: int, k_factor: float) -> None:
         self.index, self.spec, self.metric = index, spec, metric
-        self.nprobe, self.k_factor = nprobe, k_factor
+        self.nprobe, self.k_factor = nprobe, float(k_factor)
         self.meta: dict[str, Any] = {}  # caller's notes, saved with the index
 
     @property
@@ -109,6 +172,11 @@ class ApproxIndex:
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def has_refine(self) -> bool:
+        """Whether `k_factor` applies: the index re-ranks a k x k_factor shortlist."""
+        return _find(self.index, faiss.IndexRefine) is not None
 
     @property
     def nlist(self) -> int | None:
@@ -137,6 +205,8 @@ class ApproxIndex:
             raise InvalidInputError("cannot build an index on no vectors")
         ids_a = np.arange(nb, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
         spec = spec or default_spec(nb, d)
+        check_spec(spec, d, metric, nb, train_size)
+        check_trainable(xn)
         index = _factory(d, spec, metric)
         sample = xn
         if nb > train_size:

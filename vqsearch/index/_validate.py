@@ -22,6 +22,19 @@ Metric = Literal["l2", "ip", "cosine"]
 METRICS: tuple[str, ...] = ("l2", "ip", "cosine")
 
 
+# What a non-numeric array holds, said as a user would say it (not numpy's dtype code).
+_KINDS = {
+    "U": "strings",
+    "S": "bytes",
+    "O": "mixed values (null, ragged nested lists, integers beyond 64 bits, or non-numbers)",
+    "b": "booleans",
+    "c": "complex numbers",
+    "M": "dates",
+    "m": "time deltas",
+    "V": "structured records",
+}
+
+
 def check_metric(metric: Any) -> Metric:
     if metric not in METRICS:
         raise UnknownMetricError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
@@ -32,14 +45,19 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
     """Any array-like of numbers -> torch tensor (no copy where none is needed); refuse the rest."""
     if isinstance(x, torch.Tensor):
         if x.dtype == torch.bool or x.is_complex():
-            raise DTypeError(f"{name} has dtype {x.dtype}; expected a real numeric dtype")
+            raise DTypeError(f"{name} must hold numbers; got {x.dtype}")
         return x
     try:
         a = np.asarray(x)
     except (ValueError, TypeError) as exc:
         raise RankError(f"{name} is not a rectangular numeric array: {exc}") from exc
     if a.dtype.kind not in "iuf":
-        raise DTypeError(f"{name} has dtype {a.dtype}; expected a real numeric dtype")
+        raise DTypeError(f"{name} must hold numbers; got {_KINDS.get(a.dtype.kind, a.dtype)}")
+    if not a.dtype.isnative:  # torch takes native byte order only
+        a = a.astype(a.dtype.newbyteorder("="))
+    if a.dtype.kind == "u" and a.dtype.itemsize > 1:  # torch computes on uint8 only
+        wide = a.dtype.itemsize == 8 and a.size and int(a.max()) > np.iinfo(np.int64).max
+        a = a.astype(np.float64 if wide else np.int64)
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
