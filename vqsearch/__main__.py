@@ -41,6 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         # Each worker holds its own copy of every bank's state: writes landing on different
         # workers would overwrite each other's manifests. Several workers serve reads only.
         parser.error("--workers > 1 needs VQSEARCH_READ_ONLY=1 (writes go to one primary)")
+    if not settings.read_only:
+        # The server takes the data dir's lock when it starts; asked here first, a second
+        # writer stops with one line naming the holder instead of a startup traceback.
+        from vqsearch.service._lock import DataDirLock, DataDirLockedError
+
+        probe = DataDirLock(settings.data_dir)
+        try:
+            probe.acquire()
+        except DataDirLockedError as exc:
+            print(f"vqsearch: {exc}", file=sys.stderr)
+            return 1
+        probe.release()
     if args.workers > 1:
         # Each worker runs its own torch thread pool; without this N workers start N x cores
         # threads that fight over the cores. Spawned workers inherit the environment.

@@ -89,7 +89,9 @@ class Server:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                assert self.proc.stderr is not None
+                with self.proc.stderr:
+                    raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return self

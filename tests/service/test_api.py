@@ -15,7 +15,7 @@ from tests.conftest import brute_force
 from tests.service.conftest import CODEBOOK, app_client, npy
 from vqsearch.index import Bank
 from vqsearch.service import _deps, create_app
-from vqsearch.service._deps import Authorized, EntryDep, EntryRoute
+from vqsearch.service._deps import EntryDep, EntryRoute, Reads
 from vqsearch.service.routes import query
 
 NPY, NPZ = "application/x-npy", "application/x-npz"
@@ -327,9 +327,9 @@ async def test_query_routes_document_name_key_and_version(api):
 
 
 def test_an_entry_route_refuses_what_it_would_not_resolve():
-    """An EntryRoute endpoint with another parameter, or without Authorized, fails when built:
-    nothing it declares is silently skipped."""
-    secured = APIRouter(dependencies=Authorized, route_class=EntryRoute)
+    """An EntryRoute endpoint with another parameter, or without Reads or Writes, fails when
+    built: nothing it declares is silently skipped."""
+    secured = APIRouter(dependencies=Reads, route_class=EntryRoute)
     with pytest.raises(TypeError, match="EntryRoute"):
 
         @secured.post("/{name}/x")
@@ -485,6 +485,7 @@ async def test_query_string_errors_name_where_they_are(api):
     """A bad query-string parameter is a 422 located at ("query", its name), as FastAPI says."""
     r = await api.post("/v1/banks/cb/nearest?codes_dtype=int8", json={"queries": [[0.0] * 16]})
     assert r.status_code == 422
-    assert r.json()["detail"][0]["loc"] == ["query", "codes_dtype"]
+    assert r.json()["errors"][0]["loc"] == ["query", "codes_dtype"]
+    assert "query.codes_dtype" in r.json()["detail"]
     r = await api.post("/v1/banks/cb/search?k=1", json={"queries": [[0.0] * 16]})
     assert r.status_code == 200

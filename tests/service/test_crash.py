@@ -75,8 +75,9 @@ def test_kill9_while_appending_loses_no_acknowledged_write(tmp_path):
 
 
 def test_kill9_while_building_an_index_leaves_the_bank_whole(tmp_path):
-    """A kill -9 during index training: the bank reloads intact, the index is absent (never
-    half-loaded), and a new build succeeds."""
+    """A kill -9 during index training: the bank reloads intact, the index is never
+    half-loaded, the unfinished build is reported and not retried at start, and a new build
+    succeeds."""
     srv = Server(tmp_path / "d").start()
     xb = np.random.default_rng(0).standard_normal((20000, 32)).astype(np.float32)
     httpx.put(f"{srv.url}/v1/banks/b", content=_npy(xb), headers=NPY, timeout=60).raise_for_status()
@@ -92,7 +93,12 @@ def test_kill9_while_building_an_index_leaves_the_bank_whole(tmp_path):
     try:
         info = httpx.get(f"{srv.url}/v1/banks/b").json()
         assert info["version"] == version and info["count"] == 20000
-        assert info["index"] is None or info["index"]["state"] == "ready"
+        index = info["index"]
+        # killed mid-build: reported, and not retried at start (a build that kills the
+        # process would kill every start); killed after it: ready
+        assert index["state"] == "ready" or (
+            index["state"] == "failed" and "did not finish" in index["error"]
+        ), index
         r = httpx.put(f"{srv.url}/v1/banks/b/index", json={"spec": "IVF64,PQ8x4fs"}, timeout=30)
         assert r.status_code == 202
         for _ in range(600):

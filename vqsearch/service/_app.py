@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import errno
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,10 +19,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vqsearch import __version__
 from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 
+from ._deps import check_access
 from ._observe import AdmissionMiddleware, Metrics, ObserveMiddleware, trim_periodically
 from ._registry import (
     BankExistsError,
@@ -37,48 +42,79 @@ log = logging.getLogger("vqsearch")
 DEMO_NAME, DEMO_SHAPE, DEMO_SEED = "demo", (1024, 256), 0
 
 
-def _error(status: int, detail: object) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def _error(
+    status: int,
+    detail: str,
+    errors: list[dict[str, Any]] | None = None,
+    kind: str = "error",
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """Every error answer has this one shape (`_errors_doc.ErrorBody`): `detail`, one message
+    naming the problem, and `errors`, one entry per problem, located where a field is at fault."""
+    errors = errors or [{"loc": [], "msg": detail, "type": kind}]
+    return JSONResponse({"detail": detail, "errors": errors}, status_code=status, headers=headers)
+
+
+def _snake(exc: Exception) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def _field_errors(errors: Any) -> JSONResponse:
+    """pydantic's or FastAPI's validation errors, their input left out (it can be a whole array,
+    and an ndarray does not encode)."""
+    items = [{"loc": list(e["loc"]), "msg": str(e["msg"]), "type": str(e["type"])} for e in errors]
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in items)
+    return _error(422, detail or "invalid request", items)
 
 
 def _add_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownBankError)
     async def _404(_: Request, exc: Exception) -> JSONResponse:
-        return _error(404, str(exc))
+        return _error(404, str(exc), kind=_snake(exc))
 
     @app.exception_handler(BankExistsError)
     @app.exception_handler(DuplicateIdError)
     async def _409(_: Request, exc: Exception) -> JSONResponse:
-        return _error(409, str(exc))
+        return _error(409, str(exc), kind=_snake(exc))
 
     @app.exception_handler(ReadOnlyError)
     async def _405(_: Request, exc: Exception) -> JSONResponse:
-        return _error(405, str(exc))
+        return _error(405, str(exc), kind=_snake(exc))
 
     @app.exception_handler(LimitError)
     @app.exception_handler(InvalidInputError)
     async def _422(_: Request, exc: Exception) -> JSONResponse:
-        return _error(422, f"{type(exc).__name__}: {exc}")
+        return _error(422, f"{type(exc).__name__}: {exc}", kind=_snake(exc))
 
     @app.exception_handler(ValidationError)
     async def _422_params(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ValidationError)
-        return _error(422, exc.errors(include_url=False, include_context=False))
+        return _field_errors(exc.errors(include_url=False, include_input=False))
+
+    @app.exception_handler(RequestValidationError)
+    async def _422_request(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _field_errors(exc.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        return _error(exc.status_code, str(exc.detail), kind=kind, headers=exc.headers)
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: Exception) -> JSONResponse:
         cause = exc.__cause__
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return _error(507, f"out of disk space; nothing was written: {exc}")
+            return _error(507, f"out of disk space; nothing was written: {exc}", kind="disk_full")
         log.error("storage error: %s", exc)
-        return _error(500, f"storage error: {exc}")
+        return _error(500, f"storage error: {exc}", kind=_snake(exc))
 
-    @app.exception_handler(RequestValidationError)
-    async def _422_request(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        return _error(
-            422, [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
-        )
+    @app.exception_handler(Exception)
+    async def _500(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback and answers with this; the server keeps serving.
+        rid = request.headers.get("x-request-id", "")
+        return _error(500, f"internal error{f' (request {rid})' if rid else ''}", kind="internal")
 
 
 async def _follow(registry: Registry, settings: Settings) -> None:
@@ -98,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_access(app)  # every route, as served, declares who may call it
         limits = Limits(settings.max_d, settings.max_bank_vectors, settings.max_banks)
         registry = Registry(
             settings.data_dir,
@@ -119,21 +156,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # bf16 GEMMs with bf16 split-K partial sums break the bound that keeps a bf16
             # candidate scan exact (vqsearch/index/_precision.py); this process is ours.
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-        registry.load()
-        if settings.demo and not registry.entries and not settings.read_only:
-            registry.create(DEMO_NAME, DEMO_SHAPE[1], "l2", demo_codebook(), None)
-            log.info("created the demo codebook %r %s", DEMO_NAME, DEMO_SHAPE)
-        log.info("serving %d banks from %s", len(registry.entries), settings.data_dir)
-        follow = asyncio.create_task(_follow(registry, settings)) if settings.read_only else None
-        trimmer = asyncio.create_task(trim_periodically())
+        registry.load()  # a writer takes the data dir's lock here, released by close()
+        follow = trimmer = None
         try:
+            if settings.demo and not registry.entries and not settings.read_only:
+                registry.create(DEMO_NAME, DEMO_SHAPE[1], "l2", demo_codebook(), None)
+                log.info("created the demo codebook %r %s", DEMO_NAME, DEMO_SHAPE)
+            log.info("serving %d banks from %s", len(registry.entries), settings.data_dir)
+            if settings.read_only:
+                follow = asyncio.create_task(_follow(registry, settings))
+            trimmer = asyncio.create_task(trim_periodically())
             yield
         finally:
-            trimmer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await trimmer
-            if follow is not None:
-                follow.cancel()
+            for task in (trimmer, follow):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             registry.close()
 
     otel = settings.otel

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the settings, the registry, a bank by name (with `If-Match`).
+"""FastAPI dependencies: who may call a route (`Reads`, `Writes`, `Open`: API keys), the
+settings, the registry, a bank by name (with `If-Match`).
 
 All `async def`: none blocks, and FastAPI runs a plain `def` dependency on a worker thread,
 a thread hop per dependency per request (measured: a third of a one-vector request's time)."""
@@ -12,9 +13,10 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import fastapi.routing
-from fastapi import Depends, Header, HTTPException, Path, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
+from starlette.routing import Route
 
 from ._registry import Entry, Registry
 from ._settings import Settings
@@ -63,8 +65,6 @@ async def get_entry(
 
 EntryDep = Annotated[Entry, Depends(get_entry)]
 
-READ_ROUTES = ("/search", "/nearest", "/decode")
-
 
 def _matches(key: str, keys: list[str]) -> bool:
     # every key is compared, each in constant time: no early exit to time
@@ -72,12 +72,12 @@ def _matches(key: str, keys: list[str]) -> bool:
     return any(hits)
 
 
-async def authorize(
-    request: Request,
-    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
-) -> None:
-    """Read keys may search, nearest, decode and read; admin keys may do everything.
-    401 without a known key, 403 with a key of the wrong role; open when no key is set."""
+Authorization = Annotated[str | None, Header(description="Bearer <API key>")]
+
+
+async def authorize(request: Request, authorization: str | None, *, admin: bool) -> None:
+    """401 without a known key, 403 for a read key where `admin` is needed; open when no key
+    is set. Not a dependency itself: routes declare `Reads`, `Writes` or `Open`."""
     settings: Settings = request.app.state.settings
     if not settings.auth_enabled:
         return
@@ -89,21 +89,82 @@ async def authorize(
             headers={"WWW-Authenticate": "Bearer"},
         )
     key = key.strip()
-    admin = _matches(key, settings.admin_key_list)
-    read = _matches(key, settings.read_key_list)
-    if not (admin or read):
+    is_admin = _matches(key, settings.admin_key_list)
+    is_read = _matches(key, settings.read_key_list)
+    if not (is_admin or is_read):
         raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
-    reading = request.method in ("GET", "HEAD") or request.url.path.endswith(READ_ROUTES)
-    if not reading and not admin:
+    if admin and not is_admin:
         raise HTTPException(403, "this API key may only read; writes need an admin key")
 
 
-Authorized = [Depends(authorize)]
+async def read_key(request: Request, authorization: Authorization = None) -> None:
+    """A read or an admin key."""
+    await authorize(request, authorization, admin=False)
+
+
+async def admin_key(request: Request, authorization: Authorization = None) -> None:
+    """An admin key."""
+    await authorize(request, authorization, admin=True)
+
+
+async def no_key() -> None:
+    """Anyone: the route is open by design (health)."""
+
+
+async def metrics_key(request: Request, authorization: Authorization = None) -> None:
+    """Anyone with VQSEARCH_METRICS_PUBLIC (the default), else a read or an admin key."""
+    if not request.app.state.settings.metrics_public:
+        await authorize(request, authorization, admin=False)
+
+
+# Who may call a route is declared where the route is, as one of these (on the route, its
+# router, or where the router is included), and checked by the route FastAPI matched: never
+# by the path's text. A route that declares none is refused at startup (`check_access`).
+Reads = [Depends(read_key)]
+Writes = [Depends(admin_key)]
+Open = [Depends(no_key)]
+MetricsAccess = [Depends(metrics_key)]
+ACCESS: dict[Callable[..., Any], str] = {
+    read_key: "read",
+    admin_key: "admin",
+    no_key: "open",
+    metrics_key: "metrics",
+}
+UNSAFE_METHODS = frozenset({"PUT", "PATCH", "DELETE"})
+
+
+def _access_of(dependant: Any) -> set[str]:
+    """The access levels declared anywhere in a route's dependency tree (each one runs)."""
+    found, todo = set(), list(dependant.dependencies)
+    while todo:
+        d = todo.pop()
+        if d.call in ACCESS:
+            found.add(ACCESS[d.call])
+        todo.extend(d.dependencies)
+    return found
+
+
+def check_access(app: FastAPI) -> None:
+    """Refuse to serve a route (route x methods, as included) that does not declare who may
+    call it, a PUT, PATCH or DELETE open to less than an admin key, or a route no dependency
+    can guard (a mount, a plain Starlette route) other than FastAPI's own docs."""
+    docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    for context in iter_route_contexts(app.routes):
+        route, methods = context.original_route, set(context.methods or ())
+        what = f"{'/'.join(sorted(methods))} {context.path}"
+        if not isinstance(route, APIRoute):
+            if isinstance(route, Route) and context.path in docs:
+                continue
+            raise RuntimeError(f"{what}: {type(route).__name__} cannot declare access")
+        access = _access_of(context.dependant)
+        if not access:
+            raise RuntimeError(f"{what} declares no access: add Reads, Writes or Open")
+        if "admin" not in access and methods & UNSAFE_METHODS:
+            raise RuntimeError(f"{what} writes: declare Writes")
 
 
 async def _entry_of(request: Request) -> Entry:
-    """What `Authorized` and `EntryDep` give a route, checked in the same order."""
-    await authorize(request, request.headers.get("authorization"))
+    """What `EntryDep` gives a route (after its access check), checked in the same order."""
     name = request.path_params["name"]
     if _NAME.fullmatch(name) is None:
         raise RequestValidationError(
@@ -123,12 +184,23 @@ def _dependency_calls(route: Any) -> set[Any]:
     return {d.call for d in route.dependant.dependencies}
 
 
+def _fast_access(route: Any) -> Callable[..., Coroutine[Any, Any, None]] | None:
+    """The access check of a route declared as an EntryRoute serves it: `Reads` or `Writes`
+    and the bank, nothing else; None otherwise."""
+    calls = _dependency_calls(route)
+    for access in (read_key, admin_key):
+        if calls == {access, get_entry}:
+            return access
+    return None
+
+
 class EntryRoute(APIRoute):
     """A route documented like any other from its declared signature
-    `(request: Request, entry: EntryDep)` and router-level `Authorized`, but served without
-    FastAPI's per-request dependency solver: the handler resolves the entry itself
-    (`_entry_of`: the same checks, answers and order) and calls the endpoint. Profiled under
-    64 one-vector clients, the solver was a sixth of the event loop's time.
+    `(request: Request, entry: EntryDep)` and router-level `Reads` (or `Writes`), but served
+    without FastAPI's per-request dependency solver: the handler runs that access check and
+    resolves the entry itself (`_entry_of`: the same checks, answers and order) and calls the
+    endpoint. Profiled under 64 one-vector clients, the solver was a sixth of the event loop's
+    time.
 
     Nothing declared is skipped: another parameter or dependency on the route is refused when
     it is built; dependencies added where the router is included, overrides of any dependency,
@@ -139,22 +211,27 @@ class EntryRoute(APIRoute):
         super().__init__(path, endpoint, **kwargs)
         params = list(inspect.signature(endpoint).parameters)
         if (
-            _dependency_calls(self) != {authorize, get_entry}
+            _fast_access(self) is None
             or params != ["request", "entry"]
             or not inspect.iscoroutinefunction(endpoint)
         ):
             raise TypeError(
-                f"{path}: an EntryRoute takes (request, entry) and Authorized only, async"
+                f"{path}: an EntryRoute takes (request, entry) and Reads or Writes only, async"
             )
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         standard = super().get_route_handler()
         # Included in a router or app: FastAPI builds the handler once per inclusion, under a
-        # context that carries the dependencies added there (a private FastAPI name: absent,
-        # only the route's own count, and those were checked in __init__).
+        # context that carries the dependencies added there (a private FastAPI name: without
+        # it those cannot be seen, so every request goes through FastAPI's handler).
         context_var = getattr(fastapi.routing, "_effective_route_context_var", None)
-        context = context_var.get() if context_var is not None else None
-        if context is not None and _dependency_calls(context) != {authorize, get_entry}:
+        if context_var is None:
+            return standard
+        context = context_var.get()
+        if context is None or context.original_route is not self:
+            context = self
+        access = _fast_access(context)
+        if access is None:
             return standard
         endpoint = self.endpoint
 
@@ -162,6 +239,7 @@ class EntryRoute(APIRoute):
             app = request.app
             if app.state.settings.otel or app.dependency_overrides:
                 return await standard(request)
+            await access(request, request.headers.get("authorization"))
             response: Response = await endpoint(request, await _entry_of(request))
             return response
 

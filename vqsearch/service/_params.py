@@ -17,11 +17,39 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def merged(self, body: dict[str, Any], arrays: tuple[str, ...]) -> Any:
-        """These parameters (from the query string) overridden by the JSON body's own fields."""
+        """These parameters (from the query string) with the body's own fields (JSON, or 0-d
+        .npz members). 422 for a field the route does not take, and for a parameter given in
+        both places (neither silently wins)."""
         fields = {k: v for k, v in body.items() if k not in arrays}
         if not fields:  # a binary body holds arrays only
             return self
-        return type(self).model_validate(self.model_dump(exclude_unset=True) | fields)
+        known = type(self).model_fields
+        unknown = [k for k in fields if k not in known]
+        if unknown:
+            takes = ", ".join((*arrays, *known))
+            raise HTTPException(
+                422, f"unknown field {_names(unknown)} in the body; this route takes: {takes}"
+            )
+        twice = [k for k in fields if k in self.model_fields_set]
+        if twice:
+            raise HTTPException(
+                422, f"{_names(twice)} given in both the query string and the body: give it once"
+            )
+        try:
+            return type(self).model_validate(self.model_dump(exclude_unset=True) | fields)
+        except ValidationError as exc:
+            raise RequestValidationError(_located(exc, "body")) from exc
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _located(exc: ValidationError, where: str) -> list[dict[str, Any]]:
+    """pydantic's errors under FastAPI's location (where, name), without the input (which can
+    be a whole array, and an ndarray does not encode)."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    return [{**e, "loc": (where, *e["loc"])} for e in errors]
 
 
 class SearchParams(_Params):
@@ -70,13 +98,17 @@ class TradeoffParams(_Params):
     min_seconds: float = Field(0.2, ge=0, le=10, description="timing per point and batch size")
 
 
-def array_field(body: dict[str, Any], name: str, required: bool = True) -> Any:
-    """A numeric array from the body; 422 naming the field when it is missing or not numeric."""
+def array_field(
+    body: dict[str, Any], name: str, required: bool = True, d: int | None = None
+) -> Any:
+    """A numeric array from the body; 422 naming the field when it is missing or not numeric.
+    With `d` (a field of vectors), JSON's `[]` (shape (0,)) is the empty batch (0, d)."""
     if name not in body or body[name] is None:
         if required:
             raise HTTPException(422, f"the body has no {name!r} field")
         return None
-    return as_tensor(body[name], name).numpy()
+    a = as_tensor(body[name], name).numpy()
+    return a.reshape(0, d) if d is not None and a.ndim == 1 and a.size == 0 else a
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -93,8 +125,7 @@ def from_query(model: type[P], request: Request) -> P:
         raw = request.scope["query_string"]
         return model.model_validate(dict(request.query_params) if raw else {})
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False)
-        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in errors]) from exc
+        raise RequestValidationError(_located(exc, "query")) from exc
 
 
 def query_doc(model: type[BaseModel]) -> dict[str, Any]:

@@ -11,21 +11,25 @@ import shutil
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vqsearch.index import ApproxIndex, Bank, StorageError, VQSearchError
+from vqsearch.index import ApproxIndex, Bank, StorageError, VQSearchError, default_spec
+from vqsearch.index._storage import write_bytes
 from vqsearch.index._validate import Metric
 
+from ._lock import DataDirLock
 from ._sampling import Reservoir, Usage
 
 log = logging.getLogger("vqsearch")
 INDEX_FILE = "index/index.faiss"
+BUILDING_FILE = "index/building.json"  # present while a build runs: a crash leaves it behind
 TRADEOFF_FILE = "tradeoff.json"
+RUNNING = ("training", "saving")  # a build that has read the bank and not yet finished
 
 
 class BankExistsError(Exception):
@@ -34,6 +38,10 @@ class BankExistsError(Exception):
 
 class UnknownBankError(Exception):
     pass
+
+
+class DeletedBankError(UnknownBankError):
+    """The bank was deleted while a request on it was under way: its write must not land."""
 
 
 class ReadOnlyError(Exception):
@@ -53,14 +61,16 @@ class Limits:
 
 @dataclass
 class IndexState:
-    """The bank's approximate index as the API reports it."""
+    """The bank's approximate index as the API reports it: a build under way, or the index
+    that serves (ready) or served until a write (stale)."""
 
     spec: str
-    state: str = "queued"  # queued | training | adding | saving | ready | stale | failed
+    state: str = "queued"  # queued | training | saving | ready | stale | failed
     progress: float = 0.0
     error: str | None = None
     bank_version: str | None = None
     build_seconds: float | None = None
+    train_size: int | None = None
 
     def info(self, index: ApproxIndex | None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -86,7 +96,9 @@ class Entry:
     name: str
     bank: Bank
     index: ApproxIndex | None = None  # set only while it matches the bank's content
-    build: IndexState | None = None
+    build: IndexState | None = None  # what the API reports: the latest build, or `working`
+    working: IndexState | None = None  # the last index that built: what writes rebuild
+    dead: bool = False  # deleted: every writer holding this entry is refused (under `lock`)
     lock: threading.Lock = field(default_factory=threading.Lock)
     reservoir: Reservoir | None = None
     usage: Usage | None = None
@@ -145,9 +157,12 @@ class Registry:
         self.loaded = False
         self._lock = threading.Lock()
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="vqsearch-build")
+        self._dir_lock = DataDirLock(self.root)
 
     def load(self) -> None:
+        """Open every bank; a writer first takes the data dir's lock (DataDirLockedError)."""
         if not self.read_only:
+            self._dir_lock.acquire()
             self.banks_dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.trash, ignore_errors=True)
         for p in sorted(self.banks_dir.iterdir()) if self.banks_dir.exists() else []:
@@ -192,25 +207,44 @@ class Registry:
             del self.entries[name]
 
     def _load_index(self, entry: Entry) -> None:
-        path = entry.bank.path / INDEX_FILE  # type: ignore[operator]
-        if not path.exists():
-            return
-        try:
-            index = ApproxIndex.load(path)
-        except VQSearchError as exc:
-            log.error("index of %s not loaded: %s", entry.name, exc)
-            return
-        entry.build = IndexState(
-            index.spec,
-            "ready",
-            1.0,
-            bank_version=index.meta.get("bank_version"),
-            build_seconds=index.meta.get("build_seconds"),
-        )
-        if entry.build.bank_version == entry.version:
-            entry.index = index
-        else:
-            self._stale(entry)
+        assert entry.bank.path is not None
+        path, building = entry.bank.path / INDEX_FILE, entry.bank.path / BUILDING_FILE
+        crashed = _read_building(building)
+        if crashed is not None and not self.read_only:
+            building.unlink(missing_ok=True)
+        if path.exists():
+            try:
+                index = ApproxIndex.load(path)
+            except VQSearchError as exc:
+                log.error("index of %s not loaded: %s", entry.name, exc)
+                return
+            entry.working = IndexState(
+                index.spec,
+                "ready",
+                1.0,
+                bank_version=index.meta.get("bank_version"),
+                build_seconds=index.meta.get("build_seconds"),
+                train_size=index.meta.get("train_size"),
+            )
+            entry.build = replace(entry.working)
+            if entry.build.bank_version == entry.version:
+                entry.index = index
+        if crashed is not None:
+            # The process died while building: maybe the build killed it (faiss aborts on
+            # some inputs). It is not tried again at start, where it could abort every start.
+            error = (
+                f"the build of {crashed!r} did not finish: the server stopped during it; "
+                "not retried at start (PUT the index to try again)"
+            )
+            log.error("bank %s: %s", entry.name, error)
+            base = entry.build or IndexState(crashed, "failed")
+            entry.build = replace(base, error=error)
+            if entry.index is None and entry.working is not None:
+                entry.build.state = "stale"
+        elif entry.working is not None and entry.index is None:
+            entry.build = replace(entry.working, state="stale")
+            if self.auto_rebuild and not self.read_only:
+                self._queue(entry, entry.working.spec, entry.working.train_size)
 
     def _attach(self, entry: Entry) -> None:
         if self.reservoir_size > 0:
@@ -230,6 +264,11 @@ class Registry:
 
     def close(self) -> None:
         self._builder.shutdown(wait=True, cancel_futures=True)
+        self._dir_lock.release()
+
+    def list(self) -> list[Entry]:
+        """Every bank, by name (the same order across restarts)."""
+        return sorted(self.entries.values(), key=lambda e: e.name)
 
     def get(self, name: str) -> Entry:
         try:
@@ -271,74 +310,171 @@ class Registry:
             return entry
 
     def delete(self, name: str) -> None:
+        """Under the entry's lock: no write of the bank is under way, and every later one
+        (from a request that got the entry before) finds it dead and lands nowhere, not in a
+        new bank of the same name."""
         self._writable()
         with self._lock:
             entry = self.get(name)
-            self.trash.mkdir(exist_ok=True)
-            assert entry.bank.path is not None
-            entry.bank.path.rename(self.trash / f"{name}.{uuid.uuid4().hex}")
-            del self.entries[name]
+            with entry.lock:
+                self.trash.mkdir(exist_ok=True)
+                assert entry.bank.path is not None
+                entry.bank.path.rename(self.trash / f"{name}.{uuid.uuid4().hex}")
+                entry.dead, entry.index = True, None
+                del self.entries[name]
         shutil.rmtree(self.trash, ignore_errors=True)
+
+    @staticmethod
+    def _alive(entry: Entry) -> None:
+        """Call under entry.lock before writing to the bank's directory."""
+        if entry.dead:
+            raise DeletedBankError(f"bank {entry.name!r} was deleted while this request ran")
 
     # -- writes and the index they make stale ---------------------------------------------------
 
     def add(self, entry: Entry, vectors: Any, ids: Any) -> np.ndarray:
         self._writable()
         with entry.lock:
+            self._alive(entry)
             total, top = entry.bank.ntotal + len(vectors), self.limits.max_bank_vectors
             if total > top:
                 raise LimitError(f"{total} vectors would exceed VQSEARCH_MAX_BANK_VECTORS={top}")
+            generation = entry.bank.generation
             added = entry.bank.add(vectors, ids)
-            self._stale(entry)
+            if entry.bank.generation != generation:
+                self._stale(entry)
             return added
 
     def remove(self, entry: Entry, ids: Any) -> int:
         self._writable()
         with entry.lock:
+            self._alive(entry)
+            generation = entry.bank.generation
             n = entry.bank.remove(ids)
-            self._stale(entry)
+            if entry.bank.generation != generation:
+                self._stale(entry)
             return n
 
     def _stale(self, entry: Entry) -> None:
-        """The index no longer holds the bank's content: stop serving it; maybe rebuild."""
+        """Under entry.lock, after a write: the index no longer holds the bank's content.
+        Stop serving it and, with auto-rebuild, queue a build that reads the bank as it is
+        now: of the spec being built if a build has already read the bank (it is superseded),
+        else of the working spec. A queued build reads the bank when it starts: nothing to do.
+        So every interleaving of writes and builds ends with a build of the bank's last
+        version. A bank whose only build failed has no spec to rebuild."""
         entry.index = None
-        if entry.build is not None and entry.build.state in ("ready", "failed", "stale"):
-            entry.build.state = "stale"
-            if self.auto_rebuild:
-                self.build_index(entry, entry.build.spec)
+        job = entry.build
+        if job is None or job.state == "queued":
+            return
+        again = job if job.state in RUNNING else entry.working
+        if again is None:
+            return
+        if self.auto_rebuild:
+            self._queue(entry, again.spec, again.train_size)
+        elif job.state not in RUNNING:
+            entry.build = replace(job, state="stale")
 
-    def build_index(self, entry: Entry, spec: str | None, **kw: Any) -> IndexState:
-        """Queue a build; the current index (if any) serves until the new one is ready."""
+    def build_index(
+        self, entry: Entry, spec: str | None, train_size: int | None = None
+    ) -> IndexState:
+        """Queue a build of `spec` (default: from the bank's size and width); the current
+        index (if any) serves until the new one is ready."""
         self._writable()
-        state = IndexState(spec or "")
-        entry.build = state
-        self._builder.submit(self._build, entry, state, spec, kw)
+        with entry.lock:
+            self._alive(entry)
+            b = entry.bank
+            return self._queue(entry, spec or default_spec(b.ntotal, b.d), train_size)
+
+    def build_now(self, entry: Entry) -> IndexState:
+        """Build the default index on the calling thread (the builder's own: sweeps)."""
+        with entry.lock:
+            b = entry.bank
+            state = entry.build = IndexState(default_spec(b.ntotal, b.d))
+        self._build(entry, state)
         return state
 
-    def _build(self, entry: Entry, state: IndexState, spec: str | None, kw: dict[str, Any]) -> None:
-        if entry.build is not state:
-            return  # superseded by a newer request while queued
-        t0 = time.perf_counter()
-        try:
-            with entry.lock:  # a consistent snapshot: no write can land between the two reads
-                vectors, ids, version = entry.bank.vectors(), entry.bank.ids(), entry.version
-            state.state, state.progress = "training", 0.1
-            index = ApproxIndex.build(vectors, ids, entry.bank.metric, spec, **kw)
-            state.spec, state.state, state.progress = index.spec, "saving", 0.9
-            state.build_seconds = round(time.perf_counter() - t0, 3)
-            index.meta = {"bank_version": version, "build_seconds": state.build_seconds}
-            assert entry.bank.path is not None
-            (entry.bank.path / "index").mkdir(exist_ok=True)
-            index.save(entry.bank.path / INDEX_FILE)
-        except (VQSearchError, StorageError, OSError, RuntimeError, MemoryError) as exc:
-            state.state, state.error = "failed", str(exc)
-            log.error("index build for %s failed: %s", entry.name, exc)
-            return
+    def background(self, fn: Any, *args: Any) -> Future[Any]:
+        """Run a write job (a sweep) on the build thread, after the builds queued before it."""
+        self._writable()
+        return self._builder.submit(fn, *args)
+
+    def write_file(self, entry: Entry, name: str, data: bytes) -> None:
+        """Write a file into the bank's directory atomically, unless the bank was deleted."""
         with entry.lock:
-            if entry.build is not state:
-                return
-            state.bank_version, state.progress = version, 1.0
-            if entry.version == version:
-                entry.index, state.state = index, "ready"
-            else:
-                self._stale(entry)
+            self._alive(entry)
+            assert entry.bank.path is not None
+            write_bytes(entry.bank.path / name, data)
+
+    def _queue(self, entry: Entry, spec: str, train_size: int | None) -> IndexState:
+        state = IndexState(spec, train_size=train_size)
+        entry.build = state
+        self._builder.submit(self._run, entry, state)
+        return state
+
+    def _run(self, entry: Entry, state: IndexState) -> None:
+        if entry.build is state:  # else superseded by a newer request while queued
+            self._build(entry, state)
+
+    def _build(self, entry: Entry, state: IndexState) -> None:
+        t0 = time.perf_counter()
+        assert entry.bank.path is not None
+        marker = entry.bank.path / BUILDING_FILE
+        try:
+            with entry.lock:  # a consistent snapshot: no write lands between the reads
+                if entry.build is not state or entry.dead:
+                    return
+                vectors, ids, version = entry.bank.vectors(), entry.bank.ids(), entry.version
+                state.state, state.progress = "training", 0.1
+                marker.parent.mkdir(exist_ok=True)
+                marker.write_text(json.dumps({"spec": state.spec}))
+            kw = {} if state.train_size is None else {"train_size": state.train_size}
+            index = ApproxIndex.build(vectors, ids, entry.bank.metric, state.spec, **kw)
+            del vectors
+            state.state, state.progress = "saving", 0.9
+            state.build_seconds = round(time.perf_counter() - t0, 3)
+            index.meta = {
+                "bank_version": version,
+                "build_seconds": state.build_seconds,
+                "train_size": state.train_size,
+            }
+            with entry.lock:  # writes into the bank's directory: only while it is alive
+                if entry.build is not state or entry.dead:
+                    return  # superseded by a write or a newer request, or deleted
+                index.save(entry.bank.path / INDEX_FILE)
+                state.bank_version, state.progress = version, 1.0
+                entry.working = state
+                if entry.version == version:
+                    entry.index, state.state = index, "ready"
+                else:  # a write landed and did not queue a rebuild (auto-rebuild off)
+                    state.state = "stale"
+        except (VQSearchError, StorageError, OSError, RuntimeError, MemoryError) as exc:
+            log.error("index build for %s failed: %s", entry.name, exc)
+            with entry.lock:
+                self._failed(entry, state, exc)
+        finally:  # the process lived through this build (one build runs at a time)
+            with entry.lock:
+                if not entry.dead:
+                    marker.unlink(missing_ok=True)
+
+    def _failed(self, entry: Entry, state: IndexState, exc: Exception) -> None:
+        """Under entry.lock: a failed build keeps the working index and its spec (and says
+        why the new one failed); with none, the failed spec is reported as failed."""
+        state.state, state.error = "failed", str(exc)
+        if entry.build is not state or entry.working is None:
+            return
+        kept = "ready" if entry.index is not None else "stale"
+        entry.build = replace(
+            entry.working,
+            state=kept,
+            error=f"the build of {state.spec!r} failed ({exc}); {entry.working.spec!r} kept",
+        )
+
+
+def _read_building(path: Path) -> str | None:
+    """The spec of a build that a dead process left unfinished, or None."""
+    try:
+        return str(json.loads(path.read_bytes()).get("spec", "?"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, AttributeError, OSError):
+        return "?"

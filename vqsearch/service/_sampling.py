@@ -42,29 +42,44 @@ class Reservoir:
 
 
 class Usage:
-    """The last `window` codes served by a bank, for usage figures as VQ people track them."""
+    """The last `window` codes served by a bank, for usage figures as VQ people track them.
+    The buffer grows with what was served (doubling) up to the window, so many banks that
+    served little hold little."""
 
     def __init__(self, window: int) -> None:
-        self.codes = np.full(window, -1, np.int64)
-        self.pos, self.served = 0, 0
+        self.window = window
+        self.buf = np.empty(0, np.int64)
+        self.filled = 0  # codes in buf; once it reaches `window`, buf is a ring
+        self.pos, self.served = 0, 0  # next ring slot; codes served in all
         self._lock = threading.Lock()
 
     def record(self, codes: np.ndarray) -> None:
         c = np.asarray(codes, np.int64).reshape(-1)
-        n, c = len(c), c[-len(self.codes) :]  # older ones would be overwritten in this call
+        n, c = len(c), c[-self.window :]  # older ones would be overwritten in this call
         with self._lock:
-            end = self.pos + len(c)
-            if end <= len(self.codes):  # no wrap: one slice, no index array
-                self.codes[self.pos : end] = c
-            else:
-                self.codes[(self.pos + np.arange(len(c))) % len(self.codes)] = c
-            self.pos = end % len(self.codes)
+            if self.filled < self.window:
+                take = min(len(c), self.window - self.filled)
+                end = self.filled + take
+                if end > len(self.buf):
+                    grown = np.empty(min(self.window, max(end, 2 * len(self.buf), 1024)), np.int64)
+                    grown[: self.filled] = self.buf[: self.filled]
+                    self.buf = grown
+                self.buf[self.filled : end] = c[:take]
+                self.filled, c = end, c[take:]
+                self.pos = end % self.window
+            if len(c):  # full: overwrite the oldest
+                end = self.pos + len(c)
+                if end <= self.window:  # no wrap: one slice, no index array
+                    self.buf[self.pos : end] = c
+                else:
+                    self.buf[(self.pos + np.arange(len(c))) % self.window] = c
+                self.pos = end % self.window
             self.served += n
 
     def counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, times served) over the window."""
         with self._lock:
-            window = self.codes[self.codes >= 0]
+            window = self.buf[: self.filled].copy()
         return np.unique(window, return_counts=True)
 
     def summary(self, live_ids: np.ndarray) -> dict[str, Any]:
@@ -72,7 +87,7 @@ class Usage:
         p = n / max(n.sum(), 1)
         used = np.isin(live_ids, ids).sum()
         return {
-            "window": len(self.codes),
+            "window": self.window,
             "served": self.served,
             "in_window": int(n.sum()),
             "distinct": len(ids),

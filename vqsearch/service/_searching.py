@@ -27,8 +27,24 @@ Result = tuple[np.ndarray, np.ndarray]
 SEARCH_THREADS = 2  # a long search does not hold up every other request
 
 
+# Parameters that apply to one mode only: given with another, they would be silently ignored.
+MODE_PARAMS = {"nprobe": "approx", "k_factor": "approx", "target_recall": "auto"}
+
+
+def _check_mode_params(p: Any) -> None:
+    wrong = [k for k, mode in MODE_PARAMS.items() if k in p.model_fields_set and p.mode != mode]
+    if wrong:
+        raise HTTPException(
+            422,
+            "; ".join(f"{k} applies to mode={MODE_PARAMS[k]} only" for k in wrong)
+            + f" (this request has mode={p.mode})",
+        )
+
+
 def resolve(entry: Entry, p: Any, measure: str, nq: int) -> dict[str, Any]:
-    """The setting that will answer: {"spec": "exact"} or the index spec and its parameters."""
+    """The setting that will answer: {"spec": "exact"} or the index spec and the search
+    parameters that apply to it (nprobe for IVF, k_factor for a re-ranking index)."""
+    _check_mode_params(p)
     if p.mode == "auto":
         return auto_setting(entry, p.target_recall, measure, nq)
     if p.mode == "exact":
@@ -41,11 +57,18 @@ def resolve(entry: Entry, p: Any, measure: str, nq: int) -> dict[str, Any]:
             f"bank {entry.name!r} has no ready approximate index (index state: {state}); "
             "build one with PUT /v1/banks/{name}/index or use mode=exact",
         )
-    return {
-        "spec": index.spec,
-        "nprobe": p.nprobe or index.nprobe,
-        "k_factor": p.k_factor or index.k_factor,
-    }
+    setting: dict[str, Any] = {"spec": index.spec}
+    if index.nlist is not None:
+        setting["nprobe"] = p.nprobe or index.nprobe
+    elif p.nprobe is not None:
+        raise HTTPException(422, f"nprobe applies to IVF indexes; {entry.name!r} has {index.spec}")
+    if index.has_refine:
+        setting["k_factor"] = float(p.k_factor or index.k_factor)
+    elif p.k_factor is not None:
+        raise HTTPException(
+            422, f"k_factor applies to re-ranking (RFlat) indexes; {entry.name!r} has {index.spec}"
+        )
+    return setting
 
 
 def execute(
@@ -56,7 +79,7 @@ def execute(
     index = entry.index
     if index is None or index.spec != setting["spec"]:
         raise HTTPException(409, f"the approximate index of {entry.name!r} changed; retry")
-    return index.search(xq, k, nprobe=setting["nprobe"], k_factor=setting["k_factor"])
+    return index.search(xq, k, nprobe=setting.get("nprobe"), k_factor=setting.get("k_factor"))
 
 
 @dataclass

@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 
 from vqsearch.index import VQSearchError, perturbed_queries, pick, sweep
-from vqsearch.index._storage import write_bytes
 
-from ._registry import TRADEOFF_FILE, Entry, IndexState, Registry
+from ._registry import TRADEOFF_FILE, Entry, Registry, UnknownBankError
 
 log = logging.getLogger("vqsearch")
 MIN_RESERVOIR = 100  # fewer recorded queries than this are too few to measure recall on
@@ -30,10 +29,14 @@ def eval_queries(entry: Entry, queries: np.ndarray | None, n: int) -> tuple[np.n
 
 
 def start(registry: Registry, entry: Entry, **kw: Any) -> dict[str, Any]:
-    registry._writable()
-    entry.sweep = {"state": "queued", "progress": 0.0}
-    registry._builder.submit(_run, registry, entry, entry.sweep, kw)
-    return entry.sweep
+    job: dict[str, Any] = {"state": "queued", "progress": 0.0}
+    before, entry.sweep = entry.sweep, job  # before it can start: `_run` checks it is current
+    try:
+        registry.background(_run, registry, entry, job, kw)
+    except Exception:
+        entry.sweep = before
+        raise
+    return job
 
 
 def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, Any]) -> None:
@@ -42,9 +45,7 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
     try:
         if entry.index is None:  # the bank's own index comes first: build the default spec
             job["state"] = "building index"
-            state = IndexState("")
-            entry.build = state
-            registry._build(entry, state, None, {})
+            state = registry.build_now(entry)
             if entry.index is None:
                 raise RuntimeError(
                     f"could not build the bank's index: {state.error or state.state}"
@@ -80,9 +81,8 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
             "index_spec": own.spec,
             "bank": entry.name,
         }
-        assert entry.bank.path is not None
-        write_bytes(entry.bank.path / TRADEOFF_FILE, json.dumps(report).encode())
-    except (VQSearchError, RuntimeError, ValueError, OSError, MemoryError) as exc:
+        registry.write_file(entry, TRADEOFF_FILE, json.dumps(report).encode())
+    except (VQSearchError, UnknownBankError, RuntimeError, ValueError, OSError, MemoryError) as exc:
         job |= {"state": "failed", "error": str(exc)}
         log.error("tradeoff sweep for %s failed: %s", entry.name, exc)
         return
@@ -105,9 +105,7 @@ def auto_setting(entry: Entry, target: float, measure: str, nq: int) -> dict[str
             "spec": "exact",
             "reason": f"no setting of {index.spec} reached {measure} >= {target}",
         }
-    return {
-        "spec": point["spec"],
-        "nprobe": point["nprobe"],
-        "k_factor": point["k_factor"],
-        "measured_recall": point[measure],
-    }
+    params = {k: point[k] for k in ("nprobe", "k_factor") if point.get(k) is not None}
+    if "k_factor" in params:
+        params["k_factor"] = float(params["k_factor"])
+    return {"spec": point["spec"], **params, "measured_recall": point[measure]}

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import re
+import tokenize
 import zipfile
 from typing import Any
 
@@ -66,52 +67,122 @@ def _load_plain_npy(body: bytes | bytearray) -> np.ndarray | None:
     m = _PLAIN_HEADER.fullmatch(body[10:end])
     if m is None:
         return None
-    shape = tuple(int(v) for v in m.group(2).split(b",") if v.strip())
+    try:
+        shape = tuple(int(v) for v in m.group(2).split(b",") if v.strip())
+    except ValueError:
+        return None  # "(2 256)": the full parser says what is wrong
     dtype = np.dtype(m.group(1).decode())
-    if len(body) - end < dtype.itemsize * math.prod(shape):
-        return None  # short data: np.load says so
+    if len(body) - end != dtype.itemsize * math.prod(shape):
+        return None  # data of another size: `_load_npy` says so
     count = math.prod(shape)
     a = np.frombuffer(body, dtype, count, end).reshape(shape)
     return a if a.flags.writeable and a.flags.aligned else a.copy()
 
 
+MAGIC = b"\x93NUMPY"
+MAX_HEADER_BYTES = 1 << 16  # a numeric array's header is ~100 bytes
+MAX_NPZ_MEMBERS = 16  # a request names a handful of fields
+
+
+def _not_npy(body: bytes | bytearray) -> HTTPException:
+    head = bytes(body[:1])
+    hint = " (it looks like JSON: send it as application/json)" if head in (b"{", b"[") else ""
+    return HTTPException(400, f"body is not a .npy array: it does not start with {MAGIC!r}{hint}")
+
+
 def _load_npy(body: bytes | bytearray) -> np.ndarray:
+    """A .npy array over the body's bytes. Refused with a 400 naming the problem: no magic, a
+    header that does not parse or is too large, object (pickled) data, or data of another size
+    than the header's shape says (so a header cannot make the server allocate what it was not
+    sent)."""
+    if body[:6] != MAGIC:
+        raise _not_npy(body)
     fast = _load_plain_npy(body)
     if fast is not None:
         return fast
+    f = io.BytesIO(body)
     try:
-        a = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise HTTPException(400, f"body is not a readable .npy array: {exc}") from exc
-    if not isinstance(a, np.ndarray):
-        raise HTTPException(400, "body is not a single .npy array")
-    return a
+        version = np.lib.format.read_magic(f)
+        size = body[8:10] if version == (1, 0) else body[8:12]
+        if int.from_bytes(size, "little") > MAX_HEADER_BYTES:
+            raise ValueError(f"the header is over {MAX_HEADER_BYTES} bytes")
+        if version == (1, 0):
+            header = np.lib.format.read_array_header_1_0(f, max_header_size=MAX_HEADER_BYTES)
+        elif version == (2, 0):
+            header = np.lib.format.read_array_header_2_0(f, max_header_size=MAX_HEADER_BYTES)
+        else:
+            raise ValueError(f".npy format version {version} (1.0 and 2.0 are read)")
+        shape, fortran, dtype = header
+    except (ValueError, SyntaxError, EOFError, TypeError, tokenize.TokenError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, tokenize.TokenError):
+            why = "its header is not a complete dict"
+        raise HTTPException(400, f"body is not a readable .npy array: {why}") from exc
+    if dtype.hasobject:
+        raise HTTPException(400, "the .npy array holds pickled objects (never loaded)")
+    offset, count = f.tell(), math.prod(shape)
+    if len(body) - offset != count * dtype.itemsize:
+        raise HTTPException(
+            400,
+            f"the .npy header says {dtype.str}{shape} ({count * dtype.itemsize} bytes of data); "
+            f"the body holds {len(body) - offset}",
+        )
+    a = np.frombuffer(body, dtype, count, offset)
+    return a.reshape(shape, order="F" if fortran else "C")
 
 
-def _load_npz(body: bytes | bytearray, limit: int) -> dict[str, np.ndarray]:
+def _field(a: np.ndarray) -> Any:
+    """An .npz member: a 0-d array is a scalar field (`k`, `mode`), else an array."""
+    return a.item() if a.ndim == 0 else a
+
+
+def _load_npz(body: bytes | bytearray, limit: int) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as zf:
-            if sum(i.file_size for i in zf.infolist()) > limit:
+            infos = zf.infolist()
+            if len(infos) > MAX_NPZ_MEMBERS:
+                raise HTTPException(
+                    400, f"the .npz has {len(infos)} members; at most {MAX_NPZ_MEMBERS}"
+                )
+            if sum(i.file_size for i in infos) > limit:
                 raise HTTPException(413, f"npz members inflate beyond the limit of {limit} bytes")
-            with np.load(io.BytesIO(body), allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+            # read by zipfile (at most each member's declared size, CRC-checked), then parsed
+            # like a .npy body: writable arrays over their own bytes
+            return {
+                i.filename.removesuffix(".npy"): _field(_load_npy(bytearray(zf.read(i))))
+                for i in infos
+            }
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
         raise HTTPException(400, f"body is not a readable .npz archive: {exc}") from exc
 
 
+def _no_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return length == "0" or (length is None and "transfer-encoding" not in request.headers)
+
+
+def _parse_json(body: bytes | bytearray) -> Any:
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise HTTPException(400, "body is not usable JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
+
+
 async def decode(request: Request, limit: int, main: str) -> dict[str, Any]:
-    """Body -> fields. JSON gives its object; .npy gives {main: array}; .npz its arrays."""
+    """Body -> fields. JSON gives its object; .npy gives {main: array}; .npz its arrays (0-d
+    members as scalars); no body at all gives {} (the route says what it lacks)."""
     ctype = media_type(request.headers.get("content-type"))
+    if not ctype and _no_body(request):
+        return {}
     if ctype not in (JSON, NPY, NPZ, "application/octet-stream"):
         raise HTTPException(
             415, f"unsupported Content-Type {ctype or '(none)'!r}; use {JSON}, {NPY} or {NPZ}"
         )
     body = await read_body(request, limit)
     if ctype == JSON:
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
+        doc = _parse_json(body)
         if not isinstance(doc, dict):
             raise HTTPException(422, f"JSON body must be an object with a {main!r} field")
         return doc

@@ -9,14 +9,22 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from vqsearch.index import check_spec
+from vqsearch.index import check_spec, default_spec
 
-from .._deps import VERSION_HEADER, Authorized, BankName, EntryDep, RegistryDep, SettingsDep
+from .._deps import (
+    VERSION_HEADER,
+    BankName,
+    EntryDep,
+    Reads,
+    RegistryDep,
+    SettingsDep,
+    Writes,
+)
 from .._errors_doc import ARRAYS, ERRORS
 from .._params import CreateParams, IndexParams, array_field, body_doc
 from .._wire import decode, respond
 
-router = APIRouter(prefix="/v1/banks", tags=["banks"], dependencies=Authorized, responses=ERRORS)
+router = APIRouter(prefix="/v1/banks", tags=["banks"], responses=ERRORS)
 
 VECTORS_DOC = body_doc(
     {"vectors": "(n, d) numbers", "ids": "(n,) integer ids >= 0, optional"}, "vectors"
@@ -34,12 +42,18 @@ def _check_rows(a: np.ndarray | None, settings: Any) -> None:
         )
 
 
-@router.get("", summary="List banks")
+@router.get("", dependencies=Reads, summary="List banks")
 async def list_banks(registry: RegistryDep) -> list[dict[str, Any]]:
-    return [e.info() for e in list(registry.entries.values())]
+    return [e.info() for e in registry.list()]
 
 
-@router.put("/{name}", status_code=201, summary="Create a bank", openapi_extra=VECTORS_DOC)
+@router.put(
+    "/{name}",
+    dependencies=Writes,
+    status_code=201,
+    summary="Create a bank",
+    openapi_extra=VECTORS_DOC,
+)
 async def create_bank(
     name: BankName,
     request: Request,
@@ -55,19 +69,21 @@ async def create_bank(
     _check_rows(vectors, settings)
     if vectors is None and p.d is None:
         raise HTTPException(422, "give 'vectors' or, for an empty bank, 'd'")
-    d = p.d if vectors is None else (vectors.shape[-1] if vectors.ndim == 2 else 0)
     if vectors is not None and vectors.ndim != 2:
         raise HTTPException(422, f"vectors must be 2-D (n, d); got shape {vectors.shape}")
+    d = p.d if vectors is None else vectors.shape[1]
+    if p.d is not None and d != p.d:
+        raise HTTPException(422, f"d={p.d} was given, but the vectors have d={d}")
     entry = await run_in_threadpool(registry.create, name, d, p.metric, vectors, ids)
     return JSONResponse(entry.info(), status_code=201, headers=_versioned(entry))
 
 
-@router.get("/{name}", summary="Describe a bank and its approximate index")
+@router.get("/{name}", dependencies=Reads, summary="Describe a bank and its approximate index")
 async def get_bank(entry: EntryDep) -> JSONResponse:
     return JSONResponse(entry.info(), headers=_versioned(entry))
 
 
-@router.delete("/{name}", summary="Delete a bank and its files")
+@router.delete("/{name}", dependencies=Writes, summary="Delete a bank and its files")
 async def delete_bank(name: BankName, registry: RegistryDep) -> dict[str, str]:
     registry.get(name)
     await run_in_threadpool(registry.delete, name)
@@ -76,6 +92,7 @@ async def delete_bank(name: BankName, registry: RegistryDep) -> dict[str, str]:
 
 @router.post(
     "/{name}/vectors",
+    dependencies=Writes,
     summary="Append vectors",
     openapi_extra=VECTORS_DOC,
     responses={200: ARRAYS},
@@ -86,7 +103,8 @@ async def add_vectors(
     """Ids default to max id + 1 onwards; ids already in the bank are refused (409). Answers
     once the vectors are durable on disk, with the ids given to them."""
     body = await decode(request, settings.max_body_bytes, "vectors")
-    vectors, ids = array_field(body, "vectors"), array_field(body, "ids", required=False)
+    vectors = array_field(body, "vectors", d=entry.bank.d)
+    ids = array_field(body, "ids", required=False)
     _check_rows(vectors, settings)
     added = await run_in_threadpool(registry.add, entry, vectors, ids)
     request.state.rows = len(added)
@@ -95,6 +113,7 @@ async def add_vectors(
 
 @router.delete(
     "/{name}/vectors",
+    dependencies=Writes,
     summary="Delete vectors by id",
     openapi_extra=body_doc({"ids": "(n,) integer ids"}, "ids"),
 )
@@ -110,6 +129,7 @@ async def remove_vectors(
 
 @router.put(
     "/{name}/index",
+    dependencies=Writes,
     status_code=202,
     summary="Build the approximate index in the background",
     openapi_extra=body_doc({"spec": "faiss index_factory string", "train_size": "int"}, "spec"),
@@ -127,17 +147,21 @@ async def build_index(
     has_body = request.headers.get("content-type") is not None
     body = await decode(request, settings.max_body_bytes, "spec") if has_body else {}
     p = params.merged(body, ())
-    if entry.bank.ntotal == 0:
+    bank = entry.bank
+    if bank.ntotal == 0:
         raise HTTPException(409, f"bank {entry.name!r} is empty: nothing to index")
-    if p.spec is not None:
-        check_spec(p.spec, entry.bank.d, entry.bank.metric)  # a typo is a 422 now, not later
+    spec = p.spec or default_spec(bank.ntotal, bank.d)
+    # What can be known now is a 422 now, not a failed build later: the spec's sizes against
+    # the bank's (read from the text, before faiss allocates), then faiss's own parse.
     kw = {} if p.train_size is None else {"train_size": p.train_size}
-    state = registry.build_index(entry, p.spec, **kw)
+    await run_in_threadpool(check_spec, spec, bank.d, bank.metric, bank.ntotal, **kw)
+    state = registry.build_index(entry, spec, p.train_size)
     return JSONResponse(state.info(None), status_code=202, headers=_versioned(entry))
 
 
 @router.get(
     "/{name}/usage",
+    dependencies=Reads,
     summary="How often each code was served (the usage window)",
     responses={200: ARRAYS},
 )

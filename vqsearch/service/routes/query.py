@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from .._deps import VERSION_HEADER, Authorized, EntryDep, EntryRoute
+from .._deps import VERSION_HEADER, EntryDep, EntryRoute, Reads
 from .._errors_doc import ARRAYS, ERRORS
 from .._params import (
     DecodeParams,
@@ -28,7 +28,7 @@ from .._wire import decode, respond
 router = APIRouter(
     prefix="/v1/banks",
     tags=["search"],
-    dependencies=Authorized,
+    dependencies=Reads,  # search, nearest and decode read
     responses=ERRORS,
     route_class=EntryRoute,
 )
@@ -48,9 +48,10 @@ def _observe(request: Request, entry: Entry, rows: int, setting: dict[str, Any])
 
 def _headers(entry: Entry, setting: dict[str, Any]) -> dict[str, str]:
     """Which setting answered: `exact`, or the spec with its search parameters."""
-    label = setting["spec"]
-    if label != "exact":
-        label += f";nprobe={setting.get('nprobe')};k_factor={setting.get('k_factor')}"
+    label = ";".join(
+        [setting["spec"]]
+        + [f"{k}={setting[k]}" for k in ("nprobe", "k_factor") if setting.get(k) is not None]
+    )
     return {VERSION_HEADER: entry.version, "X-Vqsearch-Setting": label}
 
 
@@ -82,7 +83,7 @@ async def search(
     params = from_query(SearchParams, request)
     body = await decode(request, settings.max_body_bytes, "queries")
     p = params.merged(body, ("queries",))
-    xq = array_field(body, "queries")
+    xq = array_field(body, "queries", d=entry.bank.d)
     _rows(len(xq) if xq.ndim else 1, settings)
     if p.k > settings.max_k:
         raise HTTPException(422, f"k={p.k} exceeds the limit of {settings.max_k}")
@@ -121,7 +122,7 @@ def _finish_nearest(
             err = ((flat.astype(np.float64) - zq) ** 2).sum(1)
             out["errors"] = err.astype(np.float32).reshape(lead)
         if p.return_quantized:
-            out["quantized"] = np.moveaxis(zq.reshape(*lead, -1), -1, axis)
+            out["quantized"] = np.moveaxis(zq.reshape(*lead, entry.bank.d), -1, axis)
     return out
 
 
@@ -145,7 +146,7 @@ async def nearest(
     params = from_query(NearestParams, request)
     body = await decode(request, settings.max_body_bytes, "queries")
     p = params.merged(body, ("queries",))
-    z = array_field(body, "queries")
+    z = array_field(body, "queries", d=entry.bank.d)
     flat, axis = _flatten(z, p.channel_axis)  # a view, or a copy the body size bounds
     _rows(len(flat), settings)
     _, I, setting = await run_query(request.app.state, entry, flat, p, 1, "recall_1_at_1")

@@ -10,16 +10,17 @@ from fastapi.responses import JSONResponse
 from vqsearch.index import check_spec
 
 from .. import _sweeps
-from .._deps import VERSION_HEADER, Authorized, EntryDep, RegistryDep, SettingsDep
+from .._deps import VERSION_HEADER, EntryDep, Reads, RegistryDep, SettingsDep, Writes
 from .._errors_doc import ERRORS
 from .._params import TradeoffParams, array_field, body_doc
 from .._wire import decode
 
-router = APIRouter(prefix="/v1/banks", tags=["tradeoff"], dependencies=Authorized, responses=ERRORS)
+router = APIRouter(prefix="/v1/banks", tags=["tradeoff"], responses=ERRORS)
 
 
 @router.post(
     "/{name}/tradeoff",
+    dependencies=Writes,
     status_code=202,
     summary="Measure recall and speed of the bank's approximate settings (background)",
     openapi_extra=body_doc(
@@ -67,7 +68,9 @@ async def start_tradeoff(
     return JSONResponse(job, status_code=202, headers={VERSION_HEADER: entry.version})
 
 
-@router.get("/{name}/tradeoff", summary="The last measured accuracy/speed curve")
+@router.get(
+    "/{name}/tradeoff", dependencies=Reads, summary="The last measured accuracy/speed curve"
+)
 async def get_tradeoff(entry: EntryDep) -> JSONResponse:
     """`state` and `progress` of the sweep, and `report`: every point with 1-recall@1,
     10-recall@10, QPS and p50/p99 latency per batch size, build time, bytes per vector and
