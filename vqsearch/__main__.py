@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vqsearch: {exc}", file=sys.stderr)
             return 1
         probe.release()
+    from vqsearch.service._protocol import LimitedHttpToolsProtocol, raise_fd_limit
+
+    raise_fd_limit()
+    LimitedHttpToolsProtocol.header_timeout = settings.header_timeout
+    LimitedHttpToolsProtocol.max_connections = settings.max_connections
     if args.workers > 1:
         # Each worker runs its own torch thread pool; without this N workers start N x cores
         # threads that fight over the cores. Spawned workers inherit the environment.
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             factory=True,
             log_config=None,
             timeout_graceful_shutdown=settings.shutdown_timeout,
+            http=LimitedHttpToolsProtocol,
         )
     else:
         uvicorn.run(
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             port=port,
             log_config=None,
             timeout_graceful_shutdown=settings.shutdown_timeout,
+            http=LimitedHttpToolsProtocol,
         )
     return 0
 

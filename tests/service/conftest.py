@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -61,9 +61,16 @@ def free_port() -> int:
 class Server:
     """`python -m vqsearch serve` on 127.0.0.1 with its own data dir, started and stopped."""
 
-    def __init__(self, data_dir: Path, file_size_limit: int | None = None, **env: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        file_size_limit: int | None = None,
+        cgroup: Path | None = None,
+        **env: str,
+    ) -> None:
         self.data_dir, self.port, self.env = data_dir, free_port(), env
         self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: a stand-in for a full disk
+        self.cgroup = cgroup  # a memory cgroup (v1) the server runs in, from its first byte
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,7 +91,7 @@ class Server:
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=self._limit if self.file_size_limit else None,
+            preexec_fn=self._limit if self.file_size_limit or self.cgroup else None,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -103,8 +110,11 @@ class Server:
     def _limit(self) -> None:
         import resource
 
-        assert self.file_size_limit is not None
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
+        if self.cgroup is not None:
+            (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+        if self.file_size_limit is not None:
+            limit = self.file_size_limit
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
@@ -119,3 +129,37 @@ def server(tmp_path: Path) -> Iterator[Server]:
     srv = Server(tmp_path / "srv").start()
     yield srv
     srv.stop()
+
+
+MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")
+
+
+@contextmanager
+def memory_cgroup(limit_bytes: int) -> Iterator[Path]:
+    """A cgroup v1 memory group of its own (page cache charged to it, swap not allowed),
+    removed afterwards; skips the test where none can be made (no v1 controller, not root)."""
+    path = MEMORY_CGROUPS / f"vqsearch-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        path.mkdir()
+    except OSError as exc:
+        pytest.skip(f"no memory cgroup to run the server in: {exc}")
+    try:
+        (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        swap = path / "memory.memsw.limit_in_bytes"
+        if swap.exists():
+            swap.write_text(str(limit_bytes))
+        yield path
+    finally:
+        for _ in range(50):  # its processes are gone once the test stopped them
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def oom_kills(cgroup: Path) -> int:
+    for line in (cgroup / "memory.oom_control").read_text().splitlines():
+        if line.startswith("oom_kill "):
+            return int(line.split()[1])
+    return 0

@@ -13,7 +13,7 @@ import pytest
 
 from vqsearch.index import ApproxIndex, FactoryStringError
 from vqsearch.service._lock import DataDirLockedError
-from vqsearch.service._registry import Registry
+from vqsearch.service._registry import DeletedBankError, Registry
 
 from .conftest import CODEBOOK, Server, app_client
 
@@ -233,3 +233,27 @@ async def test_bank_list_is_in_name_order_across_restarts(settings):
         assert [b["name"] for b in (await a.get("/v1/banks")).json()] == sorted(names)
     async with app_client(settings) as b:
         assert [b_["name"] for b_ in (await b.get("/v1/banks")).json()] == sorted(names)
+
+
+def test_a_deleted_bank_is_dead_to_writers_that_resolved_it(tmp_path):
+    """A writer holding the entry of a bank deleted (and created again) under it gets
+    DeletedBankError for appends, removals, builds and files; the new bank is untouched and
+    loads after a restart with what its own writes acknowledged."""
+    reg = _registry(tmp_path)
+    old = _bank(reg)
+    reg.delete("b")
+    new = _bank(reg, n=5)
+    for write in (
+        lambda: reg.add(old, np.ones((10, 8), np.float32), None),
+        lambda: reg.remove(old, [0]),
+        lambda: reg.build_index(old, "PQ4x4fs"),
+        lambda: reg.write_file(old, "tradeoff.json", b"{}"),
+    ):
+        with pytest.raises(DeletedBankError):
+            write()
+    assert new.bank.ntotal == 5 and reg.get("b") is new
+    version = new.version
+    reg.close()
+    again = _registry(tmp_path)
+    assert again.get("b").version == version and again.get("b").bank.ntotal == 5
+    again.close()

@@ -24,8 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vqsearch import __version__
 from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 
+from ._admission import AdmissionMiddleware
+from ._budget import Budget
 from ._deps import check_access
-from ._observe import AdmissionMiddleware, Metrics, ObserveMiddleware, trim_periodically
+from ._observe import Metrics, ObserveMiddleware, trim_periodically
 from ._registry import (
     BankExistsError,
     LimitError,
@@ -99,7 +101,11 @@ def _add_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        kind = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        try:
+            phrase = HTTPStatus(exc.status_code).phrase
+        except ValueError:  # 499, client closed the request: no standard name
+            phrase = "client closed request"
+        kind = phrase.lower().replace(" ", "_").replace("-", "_")
         return _error(exc.status_code, str(exc.detail), kind=kind, headers=exc.headers)
 
     @app.exception_handler(StorageError)
@@ -193,7 +199,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(
         lambda: getattr(app.state, "registry", None), lambda: app.state.batcher.waiting_rows
     )
-    app.add_middleware(AdmissionMiddleware, max_inflight=settings.max_inflight)
+    app.state.budget = Budget(settings.memory_budget)
+    app.add_middleware(
+        AdmissionMiddleware,
+        max_inflight=settings.max_inflight,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
+        budget=app.state.budget,
+    )
     app.add_middleware(ObserveMiddleware, metrics=app.state.metrics)
     # The hot routes first: a request is matched against the routes in order.
     app.include_router(query.router)

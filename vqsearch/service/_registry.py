@@ -55,7 +55,7 @@ class LimitError(Exception):
 @dataclass(frozen=True)
 class Limits:
     max_d: int = 65536
-    max_bank_vectors: int = 100_000_000
+    max_bank_vectors: int = 10_000_000
     max_banks: int = 1000
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -117,10 +118,25 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, xq)
 
     async def run(
-        self, key: tuple[Any, ...], xq: np.ndarray, fn: Callable[[np.ndarray], Result]
+        self,
+        key: tuple[Any, ...],
+        xq: np.ndarray,
+        fn: Callable[[np.ndarray], Result],
+        chunk: int | None = None,
+        deadline: Any = None,
     ) -> Result:
+        """fn over xq's rows. A request of `max_rows` or more runs alone, `chunk` rows per call
+        of fn, `deadline.check()` awaited before each."""
         if len(xq) >= self.max_rows:
-            return await self._search(fn, xq)
+            chunk = chunk or len(xq)
+            if len(xq) <= chunk:
+                return await self._search(fn, xq)
+            parts = []
+            for i0 in range(0, len(xq), chunk):
+                if deadline is not None:
+                    await deadline.check()
+                parts.append(await self._search(fn, xq[i0 : i0 + chunk]))
+            return np.concatenate([D for D, _ in parts]), np.concatenate([I for _, I in parts])
         batch = self.open.get(key)
         if batch is None:
             batch = self.open[key] = _Batch()
@@ -165,10 +181,22 @@ class Batcher:
             i0 += len(part)
 
 
+# Rows of one engine call of a large request, sized by the bank (rows x d multiply-adds per
+# query): between calls the request checks its deadline and its client, and other requests'
+# calls, queued on the same search threads, get their turn.
+CHUNK_WORK = 1 << 36
+
+
+def chunk_rows(ntotal: int, d: int) -> int:
+    return max(1, CHUNK_WORK // max(1, ntotal * d))
+
+
 async def run_query(
-    app_state: Any, entry: Entry, xq: np.ndarray, p: Any, k: int, measure: str
+    request: Any, entry: Entry, xq: np.ndarray, p: Any, k: int, measure: str
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Validate, pick the setting, search (batched with other requests when small)."""
+    """Validate, pick the setting, search (batched with other requests when small, in chunks
+    under the request's deadline when large)."""
+    app_state = request.app.state
     # a bad request is refused here, alone: it must not fail the batch it would have joined
     x = as_matrix(xq, "queries", entry.bank.d).numpy()
     if entry.bank.ntotal == 0:
@@ -179,9 +207,33 @@ async def run_query(
     if entry.reservoir is not None:
         entry.reservoir.offer(x)
     setting = resolve(entry, p, measure, len(x))
-    device, precision = app_state.settings.device, app_state.settings.exact_precision
+    settings = app_state.settings
+    device, precision = settings.device, settings.exact_precision
     key = (id(entry), setting["spec"], setting.get("nprobe"), setting.get("k_factor"), k)
+    deadline = Deadline(request, settings.request_timeout)
     D, I = await app_state.batcher.run(
-        key, x, lambda xs: execute(entry, xs, setting, k, device, precision)
+        key,
+        x,
+        lambda xs: execute(entry, xs, setting, k, device, precision),
+        chunk_rows(entry.bank.ntotal, entry.bank.d),
+        deadline,
     )
     return D, I, setting
+
+
+class Deadline:
+    """A request's time limit and its client: `check` raises once either is gone."""
+
+    def __init__(self, request: Any, seconds: float) -> None:
+        self.request, self.seconds = request, seconds
+        self.end = time.monotonic() + seconds
+
+    async def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise HTTPException(
+                504,
+                f"the search ran past VQSEARCH_REQUEST_TIMEOUT={self.seconds:g} s and was "
+                "stopped; send fewer queries or a smaller k",
+            )
+        if await self.request.is_disconnected():
+            raise HTTPException(499, "the client went away; the search was stopped")

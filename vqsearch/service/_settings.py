@@ -57,10 +57,41 @@ class Settings(BaseSettings):
     admin_keys: str = Field("", description="comma-separated API keys allowed everything")
     metrics_public: bool = Field(True, description="serve /metrics without a key")
     max_d: int = Field(65536, ge=1, description="widest vectors a bank may hold")
-    max_bank_vectors: int = Field(100_000_000, ge=1, description="most vectors in one bank")
+    max_bank_vectors: int = Field(
+        10_000_000,
+        ge=1,
+        description="most vectors in one bank (compaction holds ~3 copies of the bank in RAM)",
+    )
     max_banks: int = Field(1000, ge=1, description="most banks")
     max_inflight: int = Field(
-        64, ge=1, description="requests under way at once; beyond it 503 with Retry-After"
+        64,
+        ge=1,
+        description="requests under way at once (counted once their body is read); beyond "
+        "it 503 with Retry-After",
+    )
+    max_answer_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="largest answer one request may ask for (JSON counted at its encoded "
+        "size), checked before any work: 422 beyond",
+    )
+    memory_budget: int = Field(
+        4 << 30,
+        ge=1,
+        description="bytes of request bodies, parsed arrays and answers all requests may hold "
+        "at once; beyond it 503 with Retry-After",
+    )
+    request_timeout: float = Field(
+        300.0, gt=0, description="seconds a query may run before it is stopped (504)"
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds a client has to send a request body (408 beyond)"
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a connection has to send a request's headers"
+    )
+    max_connections: int = Field(
+        2048, ge=1, description="open client connections; beyond it new ones are closed"
     )
     batch_max_rows: int = Field(
         4096,

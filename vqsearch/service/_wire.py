@@ -13,12 +13,17 @@ import math
 import re
 import tokenize
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from fastapi import HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
+
+from ._admission import BODY
+from ._budget import JSON_HOLD, JSON_NUMBER_BYTES, JSON_OBJECT_BYTES, take
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
@@ -31,7 +36,11 @@ def media_type(header: str | None) -> str:
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
-    """The whole body, refusing (413) anything over `limit` before reading past it."""
+    """The whole body, refusing (413) anything over `limit` before reading past it. Behind the
+    admission middleware (every API route) it was read there already."""
+    read = request.scope.get(BODY)
+    if read is not None:
+        return read
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -182,13 +191,38 @@ async def decode(request: Request, limit: int, main: str) -> dict[str, Any]:
         )
     body = await read_body(request, limit)
     if ctype == JSON:
-        doc = _parse_json(body)
+        take(request, JSON_OBJECT_BYTES * len(body), "parsing the JSON body")
+        doc = await _off_loop(len(body), _parse_json, body)
         if not isinstance(doc, dict):
             raise HTTPException(422, f"JSON body must be an object with a {main!r} field")
         return doc
     if ctype == NPZ:
-        return _load_npz(body, limit)
+        inflated = _npz_size(body)
+        if inflated > limit:
+            raise HTTPException(413, f"npz members inflate beyond the limit of {limit} bytes")
+        take(request, inflated, "the .npz members")
+        return await _off_loop(inflated, _load_npz, body, limit)
     return {main: _load_npy(body)}
+
+
+OFF_LOOP_BYTES = 1 << 20  # parsing or encoding more than this runs on a worker thread
+
+
+async def _off_loop(size: int, fn: Any, *args: Any) -> Any:
+    """fn(*args), on a worker thread when `size` says it takes long: a large body is never
+    parsed (nor an answer encoded) on the event loop, where every other request waits."""
+    if size < OFF_LOOP_BYTES:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
+
+
+def _npz_size(body: bytes | bytearray) -> int:
+    """What the members inflate to, as their headers declare (checked while inflating)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
+            return sum(i.file_size for i in zf.infolist()[: MAX_NPZ_MEMBERS + 1])
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise HTTPException(400, f"body is not a readable .npz archive: {exc}") from exc
 
 
 def wants_binary(request: Request) -> bool:
@@ -210,34 +244,80 @@ def _jsonable(a: np.ndarray) -> Any:
     return a.tolist()
 
 
+def _npy_header(a: np.ndarray) -> bytes:
+    """`np.save`'s header for a plain numeric C-order array: format 1.0, padded to 64 bytes as
+    numpy pads it."""
+    header = f"{{'descr': '{a.dtype.str}', 'fortran_order': False, 'shape': {a.shape}, }}"
+    pad = 64 - (10 + len(header) + 1) % 64
+    head = header + " " * (pad % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head.encode()
+
+
 def npy_bytes(a: np.ndarray) -> bytes:
     """`np.save`'s bytes for a plain numeric array, without its file machinery (~45 us of a
-    one-vector request): format 1.0, the header padded to 64 bytes as numpy pads it."""
+    one-vector request)."""
     if a.dtype.kind not in "biuf" or a.dtype.hasobject:
         buf = io.BytesIO()
         np.save(buf, a, allow_pickle=False)
         return buf.getvalue()
     a = a if a.flags.c_contiguous else a.copy(order="C")
-    header = f"{{'descr': '{a.dtype.str}', 'fortran_order': False, 'shape': {a.shape}, }}"
-    pad = 64 - (10 + len(header) + 1) % 64
-    head = header + " " * (pad % 64) + "\n"
-    return b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head.encode() + a.tobytes()
+    return _npy_header(a) + a.tobytes()
 
 
-def respond(
+STREAM_BYTES = 8 << 20  # a larger .npy answer is sent from the array, not copied into bytes
+
+
+def _npy_chunks(a: np.ndarray) -> Iterator[bytes]:
+    """A numeric array as .npy, 1 MiB at a time, read from the array itself."""
+    a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    yield _npy_header(a)
+    flat = a.reshape(-1).view(np.uint8)
+    for i in range(0, len(flat), 1 << 20):
+        yield flat[i : i + (1 << 20)].tobytes()
+
+
+def _json_response(
+    arrays: dict[str, np.ndarray], meta: dict[str, Any] | None, headers: dict[str, str] | None
+) -> JSONResponse:
+    body = {k: _jsonable(v) for k, v in arrays.items()} | (meta or {})
+    return JSONResponse(body, headers=headers)
+
+
+def check_answer(
+    request: Request, limit: int, arrays: dict[str, tuple[int, int]], fix: str
+) -> None:
+    """Refuse (422), before any work, an answer over VQSEARCH_MAX_ANSWER_BYTES, and take what it
+    will hold from the memory budget. arrays: name -> (values, bytes of a value in binary);
+    JSON is counted at its encoded size. `fix`: what to ask for instead."""
+    binary = wants_binary(request)
+    size = sum(n * (item if binary else JSON_NUMBER_BYTES) for n, item in arrays.values())
+    if size > limit:
+        alt = "" if binary else ", or a binary answer (Accept: application/x-npy)"
+        raise HTTPException(
+            422,
+            f"the answer would take about {size} bytes as {'binary' if binary else 'JSON'}, "
+            f"over VQSEARCH_MAX_ANSWER_BYTES={limit}: ask for {fix}{alt}",
+        )
+    take(request, size * (1 if binary else JSON_HOLD), "the answer")
+
+
+async def respond(
     request: Request,
     arrays: dict[str, np.ndarray],
     meta: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    """One array -> .npy, several -> uncompressed .npz, or a JSON object of nested lists."""
+    """One array -> .npy, several -> uncompressed .npz, or a JSON object of nested lists.
+    A large .npy is streamed from the array; large encodings run off the event loop."""
+    size = sum(a.nbytes for a in arrays.values())
     if wants_binary(request):
-        buf = io.BytesIO()
         if len(arrays) == 1:
-            return Response(npy_bytes(next(iter(arrays.values()))), media_type=NPY, headers=headers)
-        else:
-            np.savez(buf, allow_pickle=False, **arrays)
-            kind = NPZ
-        return Response(buf.getvalue(), media_type=kind, headers=headers)
-    body = {k: _jsonable(v) for k, v in arrays.items()} | (meta or {})
-    return JSONResponse(body, headers=headers)
+            a = next(iter(arrays.values()))
+            if a.nbytes > STREAM_BYTES and a.dtype.kind in "biuf":
+                return StreamingResponse(_npy_chunks(a), media_type=NPY, headers=headers)
+            return Response(npy_bytes(a), media_type=NPY, headers=headers)
+        buf = io.BytesIO()
+        await _off_loop(size, lambda: np.savez(buf, allow_pickle=False, **arrays))
+        return Response(buf.getvalue(), media_type=NPZ, headers=headers)
+    response: Response = await _off_loop(size * 4, _json_response, arrays, meta, headers)
+    return response

@@ -108,7 +108,7 @@ async def add_vectors(
     _check_rows(vectors, settings)
     added = await run_in_threadpool(registry.add, entry, vectors, ids)
     request.state.rows = len(added)
-    return respond(request, {"ids": added}, {"count": len(added)}, _versioned(entry))
+    return await respond(request, {"ids": added}, {"count": len(added)}, _versioned(entry))
 
 
 @router.delete(
@@ -172,4 +172,4 @@ async def usage(request: Request, entry: EntryDep) -> Response:
         raise HTTPException(409, "usage tracking is off (VQSEARCH_USAGE_WINDOW=0)")
     ids, counts = entry.usage.counts()
     summary = entry.usage.summary(entry.bank.ids())
-    return respond(request, {"ids": ids, "counts": counts}, summary, _versioned(entry))
+    return await respond(request, {"ids": ids, "counts": counts}, summary, _versioned(entry))

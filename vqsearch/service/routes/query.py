@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from .._budget import take
 from .._deps import VERSION_HEADER, EntryDep, EntryRoute, Reads
 from .._errors_doc import ARRAYS, ERRORS
 from .._params import (
@@ -23,7 +24,7 @@ from .._params import (
 from .._registry import Entry
 from .._searching import run_query
 from .._settings import Settings
-from .._wire import decode, respond
+from .._wire import check_answer, decode, respond
 
 router = APIRouter(
     prefix="/v1/banks",
@@ -87,10 +88,14 @@ async def search(
     _rows(len(xq) if xq.ndim else 1, settings)
     if p.k > settings.max_k:
         raise HTTPException(422, f"k={p.k} exceeds the limit of {settings.max_k}")
-    D, I, setting = await run_query(request.app.state, entry, xq, p, p.k, "recall_10_at_10")
+    n = (len(xq) if xq.ndim else 1) * p.k
+    answer = {"ids": (n, 8), "distances": (n, 4)}
+    check_answer(request, settings.max_answer_bytes, answer, "fewer queries or a smaller k")
+    take(request, 16 * n, "the search's float64 results")
+    D, I, setting = await run_query(request, entry, xq, p, p.k, "recall_10_at_10")
     _observe(request, entry, len(D), setting)
     meta = {"mode": p.mode, "setting": setting}
-    return respond(request, {"ids": I, "distances": D}, meta, _headers(entry, setting))
+    return await respond(request, {"ids": I, "distances": D}, meta, _headers(entry, setting))
 
 
 def _flatten(z: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, int]:
@@ -149,7 +154,14 @@ async def nearest(
     z = array_field(body, "queries", d=entry.bank.d)
     flat, axis = _flatten(z, p.channel_axis)  # a view, or a copy the body size bounds
     _rows(len(flat), settings)
-    _, I, setting = await run_query(request.app.state, entry, flat, p, 1, "recall_1_at_1")
+    n, d, width = len(flat), entry.bank.d, np.dtype(p.codes_dtype).itemsize
+    answer = {"codes": (n, width)}
+    if p.return_quantized:
+        answer["quantized"] = (n * d, 4)
+    if p.return_error:
+        answer["errors"] = (n, 4)
+    check_answer(request, settings.max_answer_bytes, answer, "fewer vectors")
+    _, I, setting = await run_query(request, entry, flat, p, 1, "recall_1_at_1")
     if p.return_quantized or p.return_error:  # gathers and float64 sums: off the event loop
         out = await run_in_threadpool(_finish_nearest, entry, z, flat, axis, I, p)
     else:
@@ -158,7 +170,7 @@ async def nearest(
     if entry.usage is not None:
         entry.usage.record(out["codes"])
     meta = {"mode": p.mode, "setting": setting}
-    return respond(request, out, meta, _headers(entry, setting))
+    return await respond(request, out, meta, _headers(entry, setting))
 
 
 def _decode(entry: Entry, codes: np.ndarray, p: DecodeParams) -> np.ndarray:
@@ -187,6 +199,8 @@ async def decode_codes(
     p = params.merged(body, ("codes",))
     codes = array_field(body, "codes")
     _rows(int(codes.size), settings)
+    answer = {"vectors": (int(codes.size) * entry.bank.d, 4)}
+    check_answer(request, settings.max_answer_bytes, answer, "fewer codes")
     out = await run_in_threadpool(_decode, entry, codes, p)
     request.state.rows = int(codes.size)
-    return respond(request, {"vectors": out}, None, {VERSION_HEADER: entry.version})
+    return await respond(request, {"vectors": out}, None, {VERSION_HEADER: entry.version})
