@@ -210,3 +210,31 @@ def test_version_tracks_content(rng):
     g, ver = a.generation, a.version
     a.remove([0])
     assert a.generation == g + 1 and a.version != ver
+
+
+def test_streamed_compaction_keeps_writes_made_while_it_ran(tmp_path, rng):
+    """prepare (part files), then an append and a deletion, then finish: the live rows are
+    those of the bank after the writes, version and generation are the writes' own, and a
+    reopened bank agrees; part files left by a compaction that never finished are removed."""
+    bank = Bank.create(tmp_path / "b", 16, auto_compact=False)
+    for _ in range(20):
+        bank.add(_vecs(rng, 10))
+    bank.remove([0, 1, 2])
+    plan = bank.prepare_compaction()
+    assert plan is not None and all(p.exists() for p in plan.parts.values())
+    bank.add(_vecs(rng, 4), ids=[500, 501, 502, 503])
+    bank.remove([5, 501])
+    expect = (bank.ids().copy(), bank.vectors(), bank.version, bank.generation)
+    assert bank.finish_compaction(plan)
+    assert bank.num_segments == 2 and not any(p.exists() for p in plan.parts.values())
+    np.testing.assert_array_equal(bank.ids(), expect[0])
+    np.testing.assert_array_equal(bank.vectors(), expect[1])
+    assert (bank.version, bank.generation) == expect[2:]
+    again = Bank.open(tmp_path / "b")
+    np.testing.assert_array_equal(again.vectors(), expect[1])
+    assert again.version == expect[2]
+    left = again.prepare_compaction()
+    assert left is not None
+    del again
+    reopened = Bank.open(tmp_path / "b")  # the unfinished compaction's parts are leftovers
+    assert not list((tmp_path / "b").glob("compact-*")) and reopened.ntotal == len(expect[0])

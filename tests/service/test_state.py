@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from pathlib import Path
 
 import httpx
@@ -256,4 +257,51 @@ def test_a_deleted_bank_is_dead_to_writers_that_resolved_it(tmp_path):
     reg.close()
     again = _registry(tmp_path)
     assert again.get("b").version == version and again.get("b").bank.ntotal == 5
+    again.close()
+
+
+def test_compaction_runs_after_the_write_and_keeps_what_was_written_meanwhile(
+    tmp_path, monkeypatch
+):
+    """The write that piles up segments is answered first; the compaction streams in the
+    background; an append and a deletion that land while it runs are kept; a compaction
+    changes no row, version, generation, nor the ready index."""
+    from vqsearch.index import _compact
+
+    reg = _registry(tmp_path)
+    entry = _bank(reg, n=100)
+    real, started, go = _compact.prepare, threading.Event(), threading.Event()
+
+    def held_prepare(snapshot, directory, name):
+        plan = real(snapshot, directory, name)
+        started.set()
+        assert go.wait(60)
+        return plan
+
+    monkeypatch.setattr(_compact, "prepare", held_prepare)
+    rng = np.random.default_rng(5)
+    for _ in range(16):  # 17 segments: over MAX_SEGMENTS
+        reg.add(entry, rng.random((5, 8), np.float32), None)
+    assert started.wait(60) and entry.bank.num_segments == 17  # answered, not compacted
+    reg.add(entry, np.full((2, 8), 7.0, np.float32), [900, 901])
+    reg.remove(entry, [3, 900])
+    version, generation, vectors = entry.version, entry.bank.generation, entry.bank.vectors()
+    go.set()
+    reg._compactor.submit(lambda: None).result(timeout=60)
+    assert entry.bank.num_segments == 2  # the compacted one and the append made meanwhile
+    assert (entry.version, entry.bank.generation) == (version, generation)
+    np.testing.assert_array_equal(entry.bank.vectors(), vectors)
+    assert entry.bank.ntotal == 100 + 80 + 2 - 2 and 901 in entry.bank.ids()
+    assert 900 not in entry.bank.ids() and 3 not in entry.bank.ids()
+    reg.build_index(entry, "PQ4x4fs")
+    _idle(reg)
+    index = entry.index
+    reg._compact(entry)  # two segments into one: the index serves on
+    assert entry.bank.num_segments == 1 and entry.index is index and entry.version == version
+    reg.close()
+    again = _registry(tmp_path)
+    b = again.get("b")
+    assert b.version == version and b.bank.num_segments == 1 and b.index is not None
+    np.testing.assert_array_equal(b.bank.vectors(), vectors)
+    assert not list((tmp_path / "banks" / "b").glob("compact-*"))
     again.close()

@@ -2,8 +2,10 @@
 
 On disk (when the bank has a directory) an append writes a new immutable segment, a deletion a
 tombstone file of dead rows, and each write ends by atomically replacing the manifest: an append
-never rewrites the bank. `compact` (run by itself once segments or tombstones pile up) folds the
-live rows into one segment. A method that changes the bank returns only once the change is durable.
+never rewrites the bank. `compact` folds the live rows into one segment, streaming them
+(`_compact`); a bank runs it after the write that piles up segments or tombstones, or, opened
+with `auto_compact=False`, leaves it to its owner (the service runs it in the background). A
+method that changes the bank returns only once the change is durable.
 
 Readers never lock: each operation reads one immutable `State`; writers, serialised by a lock,
 build a new state and swap it in, so a reader sees the bank before or after a write, never half.
@@ -11,13 +13,16 @@ build a new state and swap it in, so a reader sees the bank before or after a wr
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import _compact
 from . import _storage as st
 from ._errors import DuplicateIdError, EmptyBankError, InvalidIdError, RankError, StorageError
 from ._exact import search_nearest, search_topk
@@ -60,20 +65,30 @@ class Bank:
     keep it in a directory. Under ``cosine`` the vectors are stored L2-normalised.
     """
 
-    def __init__(self, d: int, metric: Metric = "l2", path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        d: int,
+        metric: Metric = "l2",
+        path: str | Path | None = None,
+        auto_compact: bool = True,
+    ) -> None:
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise RankError(f"d must be a positive integer; got {d!r}")
         self.d, self.metric = d, check_metric(metric)
         self.path = Path(path) if path is not None else None
+        self.auto_compact = auto_compact
         self._state = State(d, (), np.zeros(0, bool), 0)
         self._next_seg = 0
         self._lock = threading.Lock()
+        self._compacting = threading.Lock()  # one compaction at a time
 
     # -- persistence -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | Path, d: int, metric: Metric = "l2") -> Bank:
-        bank = cls(d, metric, path)
+    def create(
+        cls, path: str | Path, d: int, metric: Metric = "l2", auto_compact: bool = True
+    ) -> Bank:
+        bank = cls(d, metric, path, auto_compact)
         p = Path(path)
         if (p / st.MANIFEST).exists():
             raise StorageError(f"{p}: a bank already exists here")
@@ -82,13 +97,19 @@ class Bank:
         return bank
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True, writable: bool = True) -> Bank:
+    def open(
+        cls,
+        path: str | Path,
+        verify: bool = True,
+        writable: bool = True,
+        auto_compact: bool = True,
+    ) -> Bank:
         """Load a bank, memory-mapping its vectors; refuses any file that fails its checksum.
         A writable opener removes leftovers of interrupted writes (one writer per directory)."""
         p = Path(path)
         m = st.read_manifest(p)
         try:
-            bank = cls(int(m["d"]), m["metric"], p)
+            bank = cls(int(m["d"]), m["metric"], p, auto_compact)
             segs = []
             for s in m["segments"]:
                 n, f = int(s["n"]), s["files"]
@@ -102,12 +123,13 @@ class Bank:
                 t = m["tombstones"]
                 rows = st.read_array(p / t["file"], t["sha256"], (int(t["n"]),), "int64", verify)
                 dead[rows] = True
-            bank._state = State(bank.d, tuple(segs), dead, int(m["generation"]))
+            stamp = m.get("version")  # absent in banks written before versions were chained
+            bank._state = State(bank.d, tuple(segs), dead, int(m["generation"]), stamp=stamp)
             bank._next_seg = int(m["next_segment"])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise st.CorruptBankError(f"{p}: manifest is inconsistent ({exc!r})") from exc
         if writable:
-            bank._remove_unreferenced(bank._state, m["tombstones"])
+            bank._remove_unreferenced(bank._state, m["tombstones"], parts=True)
         return bank
 
     def save(self, path: str | Path) -> Bank:
@@ -133,13 +155,15 @@ class Bank:
             tomb = None
             dead_rows = np.flatnonzero(state.dead).astype(np.int64)
             if len(dead_rows):
-                name = f"tomb-{state.generation:08d}.npy"
+                # a name of its own: a compaction commits dead rows at the same generation,
+                # and the file the current manifest names must stay as it is until replaced
+                name = f"tomb-{state.generation:08d}-{uuid.uuid4().hex[:8]}.npy"
                 tomb = {
                     "file": name,
                     "n": len(dead_rows),
                     "sha256": st.write_array(self.path / name, dead_rows),
                 }
-            state = State(self.d, tuple(segs), state.dead, state.generation)
+            state = State(self.d, tuple(segs), state.dead, state.generation, stamp=state.stamp)
             st.write_manifest(
                 self.path,
                 {
@@ -148,6 +172,7 @@ class Bank:
                     "dtype": "float32",
                     "nb": state.ntotal,
                     "generation": state.generation,
+                    "version": state.version,
                     "next_segment": self._next_seg,
                     "tombstones": tomb,
                     "segments": [
@@ -160,17 +185,20 @@ class Bank:
         self._state = state
         return state
 
-    def _remove_unreferenced(self, state: State, tomb: dict[str, Any] | None) -> None:
-        """Delete bank files the manifest no longer names (superseded, or left by a crash).
+    def _remove_unreferenced(
+        self, state: State, tomb: dict[str, Any] | None, parts: bool = False
+    ) -> None:
+        """Delete bank files the manifest no longer names (superseded, or left by a crash);
+        with `parts`, at open, also a compaction's part files (one may be under way later).
         Processes that still map a deleted file keep reading it: unlinking does not unmap."""
         assert self.path is not None
         keep = {f"{s.name}.{kind}.npy" for s in state.segments for kind in ("vectors", "ids")}
         if tomb is not None:
             keep.add(tomb["file"])
         for f in self.path.iterdir():
-            if f.name not in keep and (
-                f.name.startswith(("seg-", "tomb-", ".")) and f.suffix in (".npy", ".tmp")
-            ):
+            stale = f.name.startswith(("seg-", "tomb-", ".")) and f.suffix in (".npy", ".tmp")
+            part = parts and f.name.startswith(_compact.PART_PREFIX) and f.suffix == _compact.PART
+            if f.name not in keep and (stale or part):
                 f.unlink(missing_ok=True)
 
     # -- reading -----------------------------------------------------------------------------
@@ -182,13 +210,21 @@ class Bank:
 
     @property
     def generation(self) -> int:
-        """Incremented by every write (add, remove, compact)."""
+        """Incremented by every write that changes rows (add, remove); a compaction keeps it."""
         return self._state.generation
 
     @property
     def version(self) -> str:
-        """Content hash of the stored rows: equal versions mean equal vectors and ids."""
+        """Identifies the rows: a hash chained over the writes that made them (equal write
+        histories, equal versions; a changed row, another version). A compaction keeps it."""
         return self._state.version
+
+    @property
+    def needs_compaction(self) -> bool:
+        """Segments or tombstones have piled up (MAX_SEGMENTS, MAX_DEAD_FRACTION)."""
+        state = self._state
+        many_dead = state.dead.sum() > MAX_DEAD_FRACTION * max(len(state.dead), 1)
+        return bool(len(state.segments) > MAX_SEGMENTS or many_dead)
 
     @property
     def nbytes(self) -> int:
@@ -291,8 +327,12 @@ class Bank:
             seg = Segment(f"seg-{self._next_seg:08d}", vec, new_ids, content_sha(vec, new_ids))
             self._next_seg += 1
             dead = np.concatenate([state.dead, np.zeros(len(vec), bool)])
-            self._write(State(self.d, (*state.segments, seg), dead, state.generation + 1))
-            return new_ids
+            stamp = _chain(state.version, b"add", seg.content.encode())
+            self._commit(
+                State(self.d, (*state.segments, seg), dead, state.generation + 1, stamp=stamp)
+            )
+        self._compact_if_needed()
+        return new_ids
 
     def remove(self, ids: Any) -> int:
         """Delete the given ids (all or none: UnknownIdError if any is missing). Returns count.
@@ -305,28 +345,53 @@ class Bank:
             rows = state.rows_of(flat)
             dead = state.dead.copy()
             dead[rows] = True
-            self._write(State(self.d, state.segments, dead, state.generation + 1))
-            return len(rows)
+            stamp = _chain(state.version, b"remove", flat.tobytes())
+            self._commit(State(self.d, state.segments, dead, state.generation + 1, stamp=stamp))
+        self._compact_if_needed()
+        return len(rows)
 
-    def compact(self) -> None:
-        """Fold all live rows into one segment and drop the tombstones."""
+    def _compact_if_needed(self) -> None:
+        if self.auto_compact and self.needs_compaction:
+            self.compact()
+
+    def compact(self) -> bool:
+        """Fold the live rows into one segment and drop the tombstones, streaming them (memory
+        of a block, not of the bank); reads and writes go on meanwhile. Returns whether it
+        compacted (not when another compaction came first)."""
+        plan = self.prepare_compaction()
+        return plan is not None and self.finish_compaction(plan)
+
+    def prepare_compaction(self) -> _compact.Compaction | None:
+        """Step one of `compact`: the live rows of the bank as it is now, written to part
+        files (no lock held while they are written). None when there is nothing to fold."""
         with self._lock:
-            self._compact(self._state)
-
-    def _write(self, state: State) -> None:
-        many_dead = state.dead.sum() > MAX_DEAD_FRACTION * max(len(state.dead), 1)
-        if len(state.segments) > MAX_SEGMENTS or many_dead:
-            self._compact(state)
-        else:
-            self._commit(state)
-
-    def _compact(self, state: State) -> None:
-        segs: tuple[Segment, ...] = ()
-        if state.ntotal:
-            vec, ids = self._live_vectors(state), state.all_ids[state.live_rows].copy()
-            segs = (Segment(f"seg-{self._next_seg:08d}", vec, ids, content_sha(vec, ids)),)
+            state = self._state
+            if len(state.segments) <= 1 and not state.dead.any():
+                return None
+            name = f"seg-{self._next_seg:08d}"
             self._next_seg += 1
-        self._commit(State(self.d, segs, np.zeros(state.ntotal, bool), state.generation + 1))
+        with self._compacting:
+            return _compact.prepare(state, self.path, name)
+
+    def finish_compaction(self, plan: _compact.Compaction) -> bool:
+        """Step two: swap the compacted segment in, keeping what was written since step one."""
+        with self._lock:
+            state = _compact.merged(plan, self._state)
+            if state is None:
+                plan.discard()
+                return False
+            if self.path is not None:
+                _compact.install(plan, self.path)
+            self._commit(state)
+            return True
+
+
+def _chain(version: str, *parts: bytes) -> str:
+    """The version after a write: the previous one hashed with what the write did."""
+    h = hashlib.sha256(version.encode())
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()[:16]
 
 
 def reported(D: torch.Tensor, metric: str) -> torch.Tensor:

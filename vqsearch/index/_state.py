@@ -37,6 +37,7 @@ class State:
     _prepared: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     hints: dict[str, list[float]] = field(default_factory=dict)  # see _precision.resolve
     packed: dict[str, Any] = field(default_factory=dict)  # per metric, see _exact._int8_bank
+    stamp: str | None = None  # the version, as the writes that made these rows set it (Bank)
 
     @functools.cached_property
     def offsets(self) -> np.ndarray:
@@ -120,10 +121,16 @@ class State:
             self._prepared[key] = (yp, yn, dead)
         return self._prepared[key]
 
-    @functools.cached_property
+    @property
     def version(self) -> str:
-        """Content hash of the live rows (a snapshot never changes: computed once, not on
-        every answer that carries it)."""
+        """What identifies these rows: a hash chained over the writes that made them (`stamp`,
+        kept by a compaction, which changes no row), or for rows with no such history the hash
+        of the segments' content and dead rows."""
+        return self.stamp if self.stamp is not None else self._content_version
+
+    @functools.cached_property
+    def _content_version(self) -> str:
+        """(a snapshot never changes: computed once, not on every answer that carries it)"""
         h = hashlib.sha256()
         for s in self.segments:
             h.update(s.content.encode())

@@ -203,7 +203,9 @@ class ObserveMiddleware:
         headers = dict(scope.get("headers") or [])
         # 128 random bits, as uuid4().hex gives, without building a UUID (5% of a small request)
         rid = headers.get(REQUEST_ID.encode(), b"").decode("latin-1")[:128] or os.urandom(16).hex()
-        status, t0 = 500, time.perf_counter()
+        # 499 (client closed request) unless a response started: the admission middleware
+        # answers nothing to a client that went away while sending its body
+        status, t0 = 499, time.perf_counter()
 
         async def send_with_id(message: dict[str, Any]) -> None:
             nonlocal status
@@ -218,6 +220,9 @@ class ObserveMiddleware:
         self.metrics.inflight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException:
+            status = 500 if status == 499 else status
+            raise
         finally:
             self.metrics.inflight.dec()
             seconds = time.perf_counter() - t0

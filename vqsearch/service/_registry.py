@@ -99,6 +99,7 @@ class Entry:
     build: IndexState | None = None  # what the API reports: the latest build, or `working`
     working: IndexState | None = None  # the last index that built: what writes rebuild
     dead: bool = False  # deleted: every writer holding this entry is refused (under `lock`)
+    compacting: bool = False  # a compaction is queued or under way (under `lock`)
     lock: threading.Lock = field(default_factory=threading.Lock)
     reservoir: Reservoir | None = None
     usage: Usage | None = None
@@ -157,6 +158,8 @@ class Registry:
         self.loaded = False
         self._lock = threading.Lock()
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="vqsearch-build")
+        # compactions stream the bank after the write that piled up its segments was answered
+        self._compactor = ThreadPoolExecutor(1, thread_name_prefix="vqsearch-compact")
         self._dir_lock = DataDirLock(self.root)
 
     def load(self) -> None:
@@ -177,7 +180,8 @@ class Registry:
         self.loaded = True
 
     def _open(self, p: Path) -> Entry:
-        entry = Entry(p.name, Bank.open(p, writable=not self.read_only), stamp=_stamp(p))
+        bank = Bank.open(p, writable=not self.read_only, auto_compact=False)
+        entry = Entry(p.name, bank, stamp=_stamp(p))
         self._load_index(entry)
         self._load_tradeoff(entry)
         self._attach(entry)
@@ -263,6 +267,7 @@ class Registry:
             log.error("tradeoff report of %s not loaded: %s", entry.name, exc)
 
     def close(self) -> None:
+        self._compactor.shutdown(wait=True, cancel_futures=True)
         self._builder.shutdown(wait=True, cancel_futures=True)
         self._dir_lock.release()
 
@@ -304,7 +309,8 @@ class Registry:
                 tmp.rename(self.banks_dir / name)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            entry = Entry(name, Bank.open(self.banks_dir / name, verify=False))
+            bank = Bank.open(self.banks_dir / name, verify=False, auto_compact=False)
+            entry = Entry(name, bank)
             self._attach(entry)
             self.entries[name] = entry
             return entry
@@ -343,6 +349,7 @@ class Registry:
             added = entry.bank.add(vectors, ids)
             if entry.bank.generation != generation:
                 self._stale(entry)
+                self._compact_later(entry)
             return added
 
     def remove(self, entry: Entry, ids: Any) -> int:
@@ -353,7 +360,33 @@ class Registry:
             n = entry.bank.remove(ids)
             if entry.bank.generation != generation:
                 self._stale(entry)
+                self._compact_later(entry)
             return n
+
+    def _compact_later(self, entry: Entry) -> None:
+        """Under entry.lock: queue a compaction if the bank needs one and none is queued."""
+        if entry.bank.needs_compaction and not entry.compacting:
+            entry.compacting = True
+            self._compactor.submit(self._compact, entry)
+
+    def _compact(self, entry: Entry) -> None:
+        """Stream the live rows into one segment (no lock held), then swap it in under the
+        entry's lock unless the bank was deleted meanwhile. Rows do not change, nor does the
+        version: the index and If-Match pins stay valid."""
+        try:
+            plan = entry.bank.prepare_compaction()
+            with entry.lock:
+                entry.compacting = False
+                if plan is None:
+                    return
+                if entry.dead:
+                    plan.discard()
+                    return
+                entry.bank.finish_compaction(plan)
+                self._compact_later(entry)  # writes since the snapshot may need another
+        except (StorageError, OSError) as exc:
+            entry.compacting = False
+            log.error("compaction of %s failed (the bank is unchanged): %s", entry.name, exc)
 
     def _stale(self, entry: Entry) -> None:
         """Under entry.lock, after a write: the index no longer holds the bank's content.

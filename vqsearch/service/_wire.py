@@ -40,6 +40,7 @@ async def read_body(request: Request, limit: int) -> bytearray:
     admission middleware (every API route) it was read there already."""
     read = request.scope.get(BODY)
     if read is not None:
+        await request.receive()  # the replayed end of body: later reads see the real channel
         return read
     declared = request.headers.get("content-length")
     if declared is not None:
