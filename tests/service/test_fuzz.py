@@ -164,3 +164,95 @@ def test_npy_answers_are_what_np_save_writes(shape, dtype, fortran):
         buf = io.BytesIO()
         np.save(buf, a)
         assert got == buf.getvalue()
+
+
+def _npz(members: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **members)
+    return buf.getvalue()
+
+
+_SCALARS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(np.float64),
+    st.integers(-(2**63), 2**64 - 1).map(
+        lambda i: np.array(i, np.uint64 if i >= 2**63 else np.int64)
+    ),
+    st.booleans().map(np.bool_),
+    st.text(max_size=6).map(np.str_),
+)
+_FIELDS = [
+    "queries",
+    "codes",
+    "vectors",
+    "ids",
+    "k",
+    "mode",
+    "nprobe",
+    "k_factor",
+    "metric",
+    "return_quantized",
+    "channel_axis",
+    "target_recall",
+    "codes_dtype",
+    "bogus",
+]
+HOSTILE = st.one_of(
+    # .npy in either byte order, any small shape and numeric dtype
+    st.tuples(
+        st.lists(st.integers(0, 20), min_size=1, max_size=3).map(tuple),
+        st.sampled_from([">f4", "<f8", ">i8", ">u8", "<u4", ">f2"]),
+    ).map(lambda t: ("application/x-npy", npy_bytes(np.ones(t[0], t[1])))),
+    # .npz: members that are fields or not, arrays or 0-d values of any kind
+    st.dictionaries(
+        st.sampled_from(_FIELDS),
+        st.one_of(_SCALARS, st.just(np.ones((2, 16), ">f4")), st.just(np.arange(3, dtype=">u8"))),
+        max_size=4,
+    ).map(lambda m: ("application/x-npz", _npz(m))),
+    # JSON with integers beyond 64 bits, or nested deep
+    st.integers(2**62, 2**70).map(
+        lambda i: ("application/json", json.dumps({"queries": [[i] * 16], "ids": [i]}).encode())
+    ),
+    st.integers(10, 200_000).map(
+        lambda n: ("application/json", b'{"queries": ' + b"[" * n + b"]" * n + b"}")
+    ),
+    # .npy headers that do not parse, or claim far more than they hold
+    st.sampled_from([b"(2 16)", b"(2, 16", b"(10000000000, 16)", b"(-1, 16)", b"()"]).map(
+        lambda shape: (
+            "application/x-npy",
+            npy_bytes(np.zeros((2, 16), np.float32)).replace(b"(2, 16)", shape),
+        )
+    ),
+)
+
+
+@given(
+    body=HOSTILE,
+    route=st.sampled_from(
+        [
+            ("POST", "search"),
+            ("POST", "nearest"),
+            ("POST", "decode"),
+            ("POST", "vectors"),
+            ("DELETE", "vectors"),
+        ]
+    ),
+)
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+def test_hostile_shapes_get_a_named_4xx(live, body, route):
+    """The shapes an adversarial probe found (big-endian arrays, odd .npz members and values,
+    JSON integers past 64 bits, deep nesting, broken or lying .npy headers) on every query and
+    write route: never a 5xx, and the error body in its one shape."""
+    ctype, content = body
+    method, what = route
+    r = httpx.request(
+        method,
+        f"{live.url}/v1/banks/cb/{what}",
+        content=content,
+        headers={"content-type": ctype},
+        timeout=60,
+    )
+    assert r.status_code < 500, (route, r.text[:300])
+    if r.status_code >= 400:
+        err = r.json()
+        assert isinstance(err["detail"], str) and err["errors"], err
+    assert httpx.get(f"{live.url}/healthz").status_code == 200
