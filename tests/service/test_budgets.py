@@ -302,3 +302,24 @@ def test_compaction_streams_in_the_background(tmp_path):
             assert oom_kills(cg) == 0
         finally:
             srv.stop()
+
+
+def test_a_thousand_small_banks_fit_in_little_memory(tmp_path):
+    """VQSEARCH_MAX_BANKS (1000) tiny banks, each asked for a code, in a 900 MB cgroup (the
+    usage windows once took 8 MB each, allocated eagerly: 8 GB)."""
+    with memory_cgroup(900 << 20) as cg:
+        srv = Server(tmp_path / "d", cgroup=cg).start()
+        try:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                for i in range(1000):
+                    r = c.put(f"/v1/banks/b{i}", json={"vectors": [[float(i), 1.0]]})
+                    assert r.status_code == 201, r.text
+                    assert c.post(f"/v1/banks/b{i}/nearest", json={"queries": [[0.0, 0.0]]}).json()[
+                        "codes"
+                    ] == [0]
+                assert c.put("/v1/banks/one-more?d=2").status_code == 422  # the limit holds
+                assert len(c.get("/v1/banks").json()) == 1000
+            _alive(srv)
+            assert oom_kills(cg) == 0
+        finally:
+            srv.stop()
