@@ -32,8 +32,9 @@ from ._eval import (
 )
 from ._knn import knn
 from ._pq import ApproxIndex, check_spec, default_spec
+from ._storage import write_bytes as atomic_write
 from ._tradeoff import pareto_front, perturbed_queries, pick, sweep
-from ._validate import METRICS, Metric
+from ._validate import METRICS, Metric, Queries, as_tensor, check_k
 
 __all__ = [
     "METRICS",
@@ -50,6 +51,7 @@ __all__ = [
     "KOutOfRangeError",
     "Metric",
     "NonFiniteError",
+    "Queries",
     "RankError",
     "StorageError",
     "Timing",
@@ -57,6 +59,9 @@ __all__ = [
     "UnknownMetricError",
     "VQSearchError",
     "ZeroVectorError",
+    "as_tensor",
+    "atomic_write",
+    "check_k",
     "check_spec",
     "default_spec",
     "ground_truth",

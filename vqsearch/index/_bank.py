@@ -25,10 +25,11 @@ import torch
 from . import _compact
 from . import _storage as st
 from ._errors import DuplicateIdError, EmptyBankError, InvalidIdError, RankError, StorageError
-from ._exact import search_nearest, search_topk
+from ._exact import exact_search
 from ._state import Segment, State, content_sha
 from ._validate import (
     Metric,
+    Queries,
     as_matrix,
     as_tensor,
     check_k,
@@ -257,6 +258,8 @@ class Bank:
         return state.take(torch.from_numpy(rows)).numpy().reshape(*a.shape, self.d)
 
     def _queries(self, xq: Any) -> torch.Tensor:
+        if isinstance(xq, Queries):
+            return xq.trusted_by(self.d, self.metric)
         x = as_matrix(xq, "xq", self.d)
         if self.metric == "cosine":
             normalize(x, "xq")  # raises on a zero query
@@ -275,11 +278,7 @@ class Bank:
         k = check_k(k, state.ntotal)
         dev = resolve_device(device)
         center = state.center(self.metric)
-        if k == 1:
-            d1, i1 = search_nearest(x, state, center, self.metric, dev, precision=precision)
-            D, I = d1[:, None], i1[:, None]
-        else:
-            D, I = search_topk(x, state, center, self.metric, k, dev, precision=precision)
+        D, I = exact_search(x, state, center, self.metric, k, dev, precision=precision)
         return to_reported(D, self.metric), I.numpy()
 
     def nearest(

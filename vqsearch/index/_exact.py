@@ -492,3 +492,26 @@ def search_nearest(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tenso
     """`_search_nearest` with a borrowed workspace (see `_workspace`)."""
     with borrow() as ws:
         return _search_nearest(*args, **{**kwargs, "ws": ws})
+
+
+def exact_search(
+    xq: torch.Tensor,
+    src: RowSource,
+    center: torch.Tensor | None,
+    metric: Metric,
+    k: int,
+    device: torch.device,
+    tile_elems: int | None = None,
+    precision: str | Precision = "auto",
+    stats: Counter[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one k dispatch: D float64 (nq, k) as 'smaller is nearer', ids int64 (nq, k). k = 1
+    runs the nearest-code scan (no top-k), larger k the top-k scan."""
+    if k == 1:
+        d1, i1 = search_nearest(
+            xq, src, center, metric, device, tile_elems, precision=precision, stats=stats
+        )
+        return d1[:, None], i1[:, None]
+    return search_topk(
+        xq, src, center, metric, k, device, tile_elems, precision=precision, stats=stats
+    )

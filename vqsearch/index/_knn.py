@@ -10,7 +10,7 @@ import torch
 
 from ._bank import reported, to_host
 from ._errors import EmptyBankError, ZeroVectorError
-from ._exact import search_nearest, search_topk
+from ._exact import exact_search
 from ._rows import MatrixRows, bank_center
 from ._validate import Metric, as_matrix, check_k, check_metric, resolve_device
 
@@ -58,29 +58,6 @@ def knn(
     dev = resolve_device(device)
     src = MatrixRows(xb_t.to(dev))
     center = bank_center(src, metric)
-    if k == 1:
-        d1, i1 = search_nearest(
-            xq_t,
-            src,
-            center,
-            metric,
-            dev,
-            tile_elems,
-            precision=precision,
-            stats=stats,
-        )
-        D_h, I_h = to_host(reported(d1[:, None], metric), i1[:, None])
-        return D_h, I_h
-    D, I = search_topk(
-        xq_t,
-        src,
-        center,
-        metric,
-        k,
-        dev,
-        tile_elems,
-        precision=precision,
-        stats=stats,
-    )
+    D, I = exact_search(xq_t, src, center, metric, k, dev, tile_elems, precision, stats)
     D_h, I_h = to_host(reported(D, metric), I)
     return D_h, I_h

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _storage as st
 from ._errors import CorruptBankError, FactoryStringError, InvalidInputError
-from ._validate import Metric, as_matrix, check_k, check_metric, normalize
+from ._validate import Metric, Queries, as_matrix, check_k, check_metric, normalize
 
 _FAISS_METRIC = {
     "l2": faiss.METRIC_L2,
@@ -227,10 +227,13 @@ class ApproxIndex:
     def search(
         self, xq: Any, k: int, nprobe: int | None = None, k_factor: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """xq (nq, d) -> (D, I), each (nq, k)."""
-        x = as_matrix(xq, "xq", self.d)
-        if self.metric == "cosine":
-            x = normalize(x, "xq")
+        """xq (nq, d) (or validated `Queries`) -> (D, I), each (nq, k)."""
+        if isinstance(xq, Queries):
+            x = xq.trusted_by(self.d, self.metric)
+        else:
+            x = as_matrix(xq, "xq", self.d)
+            if self.metric == "cosine":
+                x = normalize(x, "xq")
         k = check_k(k, self.ntotal)
         nprobe = self.nprobe if nprobe is None else nprobe
         k_factor = self.k_factor if k_factor is None else k_factor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -101,3 +102,46 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@dataclass(frozen=True, eq=False)
+class Queries:
+    """Query vectors validated once (`Queries.of`): float32 (nq, d), contiguous, finite, with
+    unit rows under cosine. A `Bank` or `ApproxIndex` of the same d and metric searches them
+    without checking again; slices and `join`s of validated queries stay validated."""
+
+    x: torch.Tensor
+    metric: Metric
+
+    @classmethod
+    def of(cls, xq: Any, d: int, metric: Metric, name: str = "queries") -> Queries:
+        metric = check_metric(metric)
+        if isinstance(xq, Queries):
+            xq = xq.x
+        x = as_matrix(xq, name, d)
+        return cls(normalize(x, name) if metric == "cosine" else x, metric)
+
+    @classmethod
+    def join(cls, parts: list[Queries]) -> Queries:
+        return cls(torch.cat([p.x for p in parts]), parts[0].metric)
+
+    @property
+    def d(self) -> int:
+        return int(self.x.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, rows: slice) -> Queries:
+        return Queries(self.x[rows], self.metric)
+
+    def numpy(self) -> np.ndarray:
+        return self.x.numpy()
+
+    def trusted_by(self, d: int, metric: Metric) -> torch.Tensor:
+        """The rows, for a searcher of width d and this metric (else InvalidInputError)."""
+        if d != self.d or metric != self.metric:
+            raise DimensionError(
+                f"queries validated for d={self.d}, {self.metric}; searched with d={d}, {metric}"
+            )
+        return self.x

@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ._registry import Registry
+from ._setting import Setting
 
 access_log = logging.getLogger("vqsearch.access")
 REQUEST_ID = "x-request-id"
@@ -184,10 +185,10 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def searched(self, route: str, bank: str, setting: dict[str, Any], rows: int) -> None:
+    def searched(self, route: str, bank: str, setting: Setting, rows: int) -> None:
         """One search request of `rows` vectors answered by `setting`."""
         self.child(self.batch, route).observe(rows)
-        self.child(self.rows, bank, setting["spec"]).inc(rows)
+        self.child(self.rows, bank, setting.spec).inc(rows)
 
 
 class ObserveMiddleware:

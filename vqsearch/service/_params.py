@@ -8,7 +8,7 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vqsearch.index._validate import as_tensor
+from vqsearch.index import as_tensor
 
 Mode = Literal["exact", "approx", "auto"]
 

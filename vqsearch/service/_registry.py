@@ -13,14 +13,21 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vqsearch.index import ApproxIndex, Bank, StorageError, VQSearchError, default_spec
-from vqsearch.index._storage import write_bytes
-from vqsearch.index._validate import Metric
+from vqsearch.index import (
+    ApproxIndex,
+    Bank,
+    Metric,
+    StorageError,
+    VQSearchError,
+    atomic_write,
+    default_spec,
+)
 
 from ._lock import DataDirLock
 from ._sampling import Reservoir, Usage
@@ -29,7 +36,36 @@ log = logging.getLogger("vqsearch")
 INDEX_FILE = "index/index.faiss"
 BUILDING_FILE = "index/building.json"  # present while a build runs: a crash leaves it behind
 TRADEOFF_FILE = "tradeoff.json"
-RUNNING = ("training", "saving")  # a build that has read the bank and not yet finished
+
+
+class _Named(str, Enum):
+    """A state that is its value everywhere: JSON, ==, str() and f-strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Phase(_Named):
+    """Where an index build is, as `index.state` reports it."""
+
+    QUEUED = "queued"
+    TRAINING = "training"
+    SAVING = "saving"
+    READY = "ready"  # the index serves the bank's current version
+    STALE = "stale"  # it served an earlier version; no build of this one is under way
+    FAILED = "failed"
+
+
+class SweepPhase(_Named):
+    NONE = "none"
+    QUEUED = "queued"
+    BUILDING = "building index"
+    MEASURING = "measuring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+RUNNING = (Phase.TRAINING, Phase.SAVING)  # a build that has read the bank and not yet finished
 
 
 class BankExistsError(Exception):
@@ -65,7 +101,7 @@ class IndexState:
     that serves (ready) or served until a write (stale)."""
 
     spec: str
-    state: str = "queued"  # queued | training | saving | ready | stale | failed
+    state: Phase = Phase.QUEUED
     progress: float = 0.0
     error: str | None = None
     bank_version: str | None = None
@@ -105,7 +141,9 @@ class Entry:
     usage: Usage | None = None
     stamp: tuple[int, ...] = ()  # what the files looked like when loaded (replicas compare)
     tradeoff: dict[str, Any] | None = None  # the last sweep's report
-    sweep: dict[str, Any] = field(default_factory=lambda: {"state": "none", "progress": 0.0})
+    sweep: dict[str, Any] = field(
+        default_factory=lambda: {"state": SweepPhase.NONE, "progress": 0.0}
+    )
 
     @property
     def version(self) -> str:
@@ -224,7 +262,7 @@ class Registry:
                 return
             entry.working = IndexState(
                 index.spec,
-                "ready",
+                Phase.READY,
                 1.0,
                 bank_version=index.meta.get("bank_version"),
                 build_seconds=index.meta.get("build_seconds"),
@@ -241,12 +279,12 @@ class Registry:
                 "not retried at start (PUT the index to try again)"
             )
             log.error("bank %s: %s", entry.name, error)
-            base = entry.build or IndexState(crashed, "failed")
+            base = entry.build or IndexState(crashed, Phase.FAILED)
             entry.build = replace(base, error=error)
             if entry.index is None and entry.working is not None:
-                entry.build.state = "stale"
+                entry.build.state = Phase.STALE
         elif entry.working is not None and entry.index is None:
-            entry.build = replace(entry.working, state="stale")
+            entry.build = replace(entry.working, state=Phase.STALE)
             if self.auto_rebuild and not self.read_only:
                 self._queue(entry, entry.working.spec, entry.working.train_size)
 
@@ -260,7 +298,7 @@ class Registry:
         path = entry.bank.path / TRADEOFF_FILE  # type: ignore[operator]
         try:
             entry.tradeoff = json.loads(path.read_bytes())
-            entry.sweep = {"state": "done", "progress": 1.0}
+            entry.sweep = {"state": SweepPhase.DONE, "progress": 1.0}
         except FileNotFoundError:
             pass
         except ValueError as exc:
@@ -397,7 +435,7 @@ class Registry:
         version. A bank whose only build failed has no spec to rebuild."""
         entry.index = None
         job = entry.build
-        if job is None or job.state == "queued":
+        if job is None or job.state == Phase.QUEUED:
             return
         again = job if job.state in RUNNING else entry.working
         if again is None:
@@ -405,7 +443,7 @@ class Registry:
         if self.auto_rebuild:
             self._queue(entry, again.spec, again.train_size)
         elif job.state not in RUNNING:
-            entry.build = replace(job, state="stale")
+            entry.build = replace(job, state=Phase.STALE)
 
     def build_index(
         self, entry: Entry, spec: str | None, train_size: int | None = None
@@ -436,7 +474,7 @@ class Registry:
         with entry.lock:
             self._alive(entry)
             assert entry.bank.path is not None
-            write_bytes(entry.bank.path / name, data)
+            atomic_write(entry.bank.path / name, data)
 
     def _queue(self, entry: Entry, spec: str, train_size: int | None) -> IndexState:
         state = IndexState(spec, train_size=train_size)
@@ -457,13 +495,13 @@ class Registry:
                 if entry.build is not state or entry.dead:
                     return
                 vectors, ids, version = entry.bank.vectors(), entry.bank.ids(), entry.version
-                state.state, state.progress = "training", 0.1
+                state.state, state.progress = Phase.TRAINING, 0.1
                 marker.parent.mkdir(exist_ok=True)
                 marker.write_text(json.dumps({"spec": state.spec}))
             kw = {} if state.train_size is None else {"train_size": state.train_size}
             index = ApproxIndex.build(vectors, ids, entry.bank.metric, state.spec, **kw)
             del vectors
-            state.state, state.progress = "saving", 0.9
+            state.state, state.progress = Phase.SAVING, 0.9
             state.build_seconds = round(time.perf_counter() - t0, 3)
             index.meta = {
                 "bank_version": version,
@@ -477,9 +515,9 @@ class Registry:
                 state.bank_version, state.progress = version, 1.0
                 entry.working = state
                 if entry.version == version:
-                    entry.index, state.state = index, "ready"
+                    entry.index, state.state = index, Phase.READY
                 else:  # a write landed and did not queue a rebuild (auto-rebuild off)
-                    state.state = "stale"
+                    state.state = Phase.STALE
         except (VQSearchError, StorageError, OSError, RuntimeError, MemoryError) as exc:
             log.error("index build for %s failed: %s", entry.name, exc)
             with entry.lock:
@@ -492,10 +530,10 @@ class Registry:
     def _failed(self, entry: Entry, state: IndexState, exc: Exception) -> None:
         """Under entry.lock: a failed build keeps the working index and its spec (and says
         why the new one failed); with none, the failed spec is reported as failed."""
-        state.state, state.error = "failed", str(exc)
+        state.state, state.error = Phase.FAILED, str(exc)
         if entry.build is not state or entry.working is None:
             return
-        kept = "ready" if entry.index is not None else "stale"
+        kept = Phase.READY if entry.index is not None else Phase.STALE
         entry.build = replace(
             entry.working,
             state=kept,

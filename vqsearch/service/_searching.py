@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 
-from vqsearch.index import EmptyBankError
-from vqsearch.index._validate import as_matrix, check_k, normalize
+from vqsearch.index import EmptyBankError, Queries, check_k
 
 from ._registry import Entry
+from ._setting import Setting
 from ._sweeps import auto_setting
 
 Result = tuple[np.ndarray, np.ndarray]
+Rows = Any  # what the batcher carries: validated `Queries`, or plain arrays (len, slices)
 SEARCH_THREADS = 2  # a long search does not hold up every other request
 
 
@@ -42,14 +43,14 @@ def _check_mode_params(p: Any) -> None:
         )
 
 
-def resolve(entry: Entry, p: Any, measure: str, nq: int) -> dict[str, Any]:
-    """The setting that will answer: {"spec": "exact"} or the index spec and the search
-    parameters that apply to it (nprobe for IVF, k_factor for a re-ranking index)."""
+def resolve(entry: Entry, p: Any, measure: str, nq: int) -> Setting:
+    """The setting that will answer: exact, or the index spec and the search parameters that
+    apply to it (nprobe for IVF, k_factor for a re-ranking index)."""
     _check_mode_params(p)
     if p.mode == "auto":
         return auto_setting(entry, p.target_recall, measure, nq)
     if p.mode == "exact":
-        return {"spec": "exact"}
+        return Setting()
     index = entry.index
     if index is None:
         state = entry.build.state if entry.build else "absent"
@@ -58,34 +59,39 @@ def resolve(entry: Entry, p: Any, measure: str, nq: int) -> dict[str, Any]:
             f"bank {entry.name!r} has no ready approximate index (index state: {state}); "
             "build one with PUT /v1/banks/{name}/index or use mode=exact",
         )
-    setting: dict[str, Any] = {"spec": index.spec}
+    nprobe = k_factor = None
     if index.nlist is not None:
-        setting["nprobe"] = p.nprobe or index.nprobe
+        nprobe = p.nprobe or index.nprobe
     elif p.nprobe is not None:
         raise HTTPException(422, f"nprobe applies to IVF indexes; {entry.name!r} has {index.spec}")
     if index.has_refine:
-        setting["k_factor"] = float(p.k_factor or index.k_factor)
+        k_factor = float(p.k_factor or index.k_factor)
     elif p.k_factor is not None:
         raise HTTPException(
             422, f"k_factor applies to re-ranking (RFlat) indexes; {entry.name!r} has {index.spec}"
         )
-    return setting
+    return Setting(index.spec, nprobe, k_factor)
 
 
 def execute(
-    entry: Entry, xq: np.ndarray, setting: dict[str, Any], k: int, device: str, precision: str
+    entry: Entry, xq: Queries, setting: Setting, k: int, device: str, precision: str
 ) -> Result:
-    if setting["spec"] == "exact":
+    if setting.exact:
         return entry.bank.search(xq, k, device=device, precision=precision)
     index = entry.index
-    if index is None or index.spec != setting["spec"]:
+    if index is None or index.spec != setting.spec:
         raise HTTPException(409, f"the approximate index of {entry.name!r} changed; retry")
-    return index.search(xq, k, nprobe=setting.get("nprobe"), k_factor=setting.get("k_factor"))
+    return index.search(xq, k, nprobe=setting.nprobe, k_factor=setting.k_factor)
+
+
+def _join(parts: list[Any]) -> Any:
+    """Validated queries stay validated when joined; plain arrays are concatenated."""
+    return Queries.join(parts) if isinstance(parts[0], Queries) else np.concatenate(parts)
 
 
 @dataclass
 class _Batch:
-    parts: list[np.ndarray] = field(default_factory=list)
+    parts: list[Rows] = field(default_factory=list)
     waiters: list[asyncio.Future[Result]] = field(default_factory=list)
     rows: int = 0
     full: asyncio.Event = field(default_factory=asyncio.Event)
@@ -114,14 +120,14 @@ class Batcher:
         # uses every core.
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="vqsearch-search")
 
-    async def _search(self, fn: Callable[[np.ndarray], Result], xq: np.ndarray) -> Result:
+    async def _search(self, fn: Callable[[Rows], Result], xq: Rows) -> Result:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, xq)
 
     async def run(
         self,
         key: tuple[Any, ...],
-        xq: np.ndarray,
-        fn: Callable[[np.ndarray], Result],
+        xq: Rows,
+        fn: Callable[[Rows], Result],
         chunk: int | None = None,
         deadline: Any = None,
     ) -> Result:
@@ -153,7 +159,7 @@ class Batcher:
         return await fut
 
     async def _flush(
-        self, key: tuple[Any, ...], batch: _Batch, fn: Callable[[np.ndarray], Result]
+        self, key: tuple[Any, ...], batch: _Batch, fn: Callable[[Rows], Result]
     ) -> None:
         with contextlib.suppress(asyncio.TimeoutError):  # not the builtin on Python 3.10
             await asyncio.wait_for(batch.full.wait(), self.max_wait)
@@ -165,7 +171,7 @@ class Batcher:
         self.waiting_rows -= batch.rows
         self.running += 1
         try:
-            D, I = await self._search(fn, np.concatenate(batch.parts))
+            D, I = await self._search(fn, _join(batch.parts))
         except Exception as exc:  # every waiter gets the failure; none hangs
             for fut in batch.waiters:
                 if not fut.done():
@@ -193,23 +199,22 @@ def chunk_rows(ntotal: int, d: int) -> int:
 
 async def run_query(
     request: Any, entry: Entry, xq: np.ndarray, p: Any, k: int, measure: str
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray, Setting]:
     """Validate, pick the setting, search (batched with other requests when small, in chunks
     under the request's deadline when large)."""
     app_state = request.app.state
-    # a bad request is refused here, alone: it must not fail the batch it would have joined
-    x = as_matrix(xq, "queries", entry.bank.d).numpy()
+    # a bad request is refused here, alone: it must not fail the batch it would have joined;
+    # validated once, the queries are not checked again by the engine
+    x = Queries.of(xq, entry.bank.d, entry.bank.metric)
     if entry.bank.ntotal == 0:
         raise EmptyBankError(f"bank {entry.name!r} is empty")
     check_k(k, entry.bank.ntotal)
-    if entry.bank.metric == "cosine":
-        normalize(as_matrix(x, "queries"), "queries")
     if entry.reservoir is not None:
-        entry.reservoir.offer(x)
+        entry.reservoir.offer(x.numpy())
     setting = resolve(entry, p, measure, len(x))
     settings = app_state.settings
     device, precision = settings.device, settings.exact_precision
-    key = (id(entry), setting["spec"], setting.get("nprobe"), setting.get("k_factor"), k)
+    key = (id(entry), *setting.key, k)
     deadline = Deadline(request, settings.request_timeout)
     D, I = await app_state.batcher.run(
         key,

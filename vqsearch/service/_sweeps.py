@@ -11,7 +11,8 @@ import numpy as np
 
 from vqsearch.index import VQSearchError, perturbed_queries, pick, sweep
 
-from ._registry import TRADEOFF_FILE, Entry, Registry, UnknownBankError
+from ._registry import TRADEOFF_FILE, Entry, Registry, SweepPhase, UnknownBankError
+from ._setting import EXACT, Setting
 
 log = logging.getLogger("vqsearch")
 MIN_RESERVOIR = 100  # fewer recorded queries than this are too few to measure recall on
@@ -29,7 +30,7 @@ def eval_queries(entry: Entry, queries: np.ndarray | None, n: int) -> tuple[np.n
 
 
 def start(registry: Registry, entry: Entry, **kw: Any) -> dict[str, Any]:
-    job: dict[str, Any] = {"state": "queued", "progress": 0.0}
+    job: dict[str, Any] = {"state": SweepPhase.QUEUED, "progress": 0.0}
     before, entry.sweep = entry.sweep, job  # before it can start: `_run` checks it is current
     try:
         registry.background(_run, registry, entry, job, kw)
@@ -44,7 +45,7 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
         return
     try:
         if entry.index is None:  # the bank's own index comes first: build the default spec
-            job["state"] = "building index"
+            job["state"] = SweepPhase.BUILDING
             state = registry.build_now(entry)
             if entry.index is None:
                 raise RuntimeError(
@@ -58,7 +59,7 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
                 entry.index,
             )
         xq, source = eval_queries(entry, kw.get("queries"), kw.get("n_queries", 1000))
-        job["state"] = "measuring"
+        job["state"] = SweepPhase.MEASURING
 
         def progress(f: float) -> None:
             job["progress"] = round(f, 3)
@@ -83,29 +84,29 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
         }
         registry.write_file(entry, TRADEOFF_FILE, json.dumps(report).encode())
     except (VQSearchError, UnknownBankError, RuntimeError, ValueError, OSError, MemoryError) as exc:
-        job |= {"state": "failed", "error": str(exc)}
+        job |= {"state": SweepPhase.FAILED, "error": str(exc)}
         log.error("tradeoff sweep for %s failed: %s", entry.name, exc)
         return
     entry.tradeoff = report
-    job |= {"state": "done", "progress": 1.0}
+    job |= {"state": SweepPhase.DONE, "progress": 1.0}
 
 
-def auto_setting(entry: Entry, target: float, measure: str, nq: int) -> dict[str, Any]:
+def auto_setting(entry: Entry, target: float, measure: str, nq: int) -> Setting:
     """The fastest measured setting of the bank's own index reaching `target`, timed at the
     measured batch size nearest (in log scale) to this request's nq; exact when none reached
     it, when no sweep was measured on the bank as it is now, or when no index is ready."""
     report, index = entry.tradeoff, entry.index
     if report is None or index is None or report.get("bank_version") != entry.version:
-        return {"spec": "exact", "reason": "no sweep measured on this bank version"}
+        return Setting(reason="no sweep measured on this bank version")
     sizes = [int(b) for b in report["points"][0]["qps"]]
     batch = min(sizes, key=lambda b: abs(math.log(b) - math.log(max(nq, 1))))
     point = pick(report, target, measure, spec=index.spec, batch=batch)
-    if point["spec"] == "exact":
-        return {
-            "spec": "exact",
-            "reason": f"no setting of {index.spec} reached {measure} >= {target}",
-        }
-    params = {k: point[k] for k in ("nprobe", "k_factor") if point.get(k) is not None}
-    if "k_factor" in params:
-        params["k_factor"] = float(params["k_factor"])
-    return {"spec": point["spec"], **params, "measured_recall": point[measure]}
+    if point["spec"] == EXACT:
+        return Setting(reason=f"no setting of {index.spec} reached {measure} >= {target}")
+    k_factor = point.get("k_factor")
+    return Setting(
+        point["spec"],
+        point.get("nprobe"),
+        None if k_factor is None else float(k_factor),
+        measured_recall=point[measure],
+    )

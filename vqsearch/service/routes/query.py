@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
@@ -23,6 +23,7 @@ from .._params import (
 )
 from .._registry import Entry
 from .._searching import run_query
+from .._setting import Setting
 from .._settings import Settings
 from .._wire import check_answer, decode, respond
 
@@ -42,18 +43,14 @@ def _rows(n: int, settings: Settings) -> None:
         )
 
 
-def _observe(request: Request, entry: Entry, rows: int, setting: dict[str, Any]) -> None:
+def _observe(request: Request, entry: Entry, rows: int, setting: Setting) -> None:
     request.state.rows = rows
     request.app.state.metrics.searched(request.scope["route"].path, entry.name, setting, rows)
 
 
-def _headers(entry: Entry, setting: dict[str, Any]) -> dict[str, str]:
+def _headers(entry: Entry, setting: Setting) -> dict[str, str]:
     """Which setting answered: `exact`, or the spec with its search parameters."""
-    label = ";".join(
-        [setting["spec"]]
-        + [f"{k}={setting[k]}" for k in ("nprobe", "k_factor") if setting.get(k) is not None]
-    )
-    return {VERSION_HEADER: entry.version, "X-Vqsearch-Setting": label}
+    return {VERSION_HEADER: entry.version, "X-Vqsearch-Setting": setting.label}
 
 
 def _axis(axis: int | None, ndim: int) -> int:
@@ -94,7 +91,7 @@ async def search(
     take(request, 16 * n, "the search's float64 results")
     D, I, setting = await run_query(request, entry, xq, p, p.k, "recall_10_at_10")
     _observe(request, entry, len(D), setting)
-    meta = {"mode": p.mode, "setting": setting}
+    meta = {"mode": p.mode, "setting": setting.to_json()}
     return await respond(request, {"ids": I, "distances": D}, meta, _headers(entry, setting))
 
 
@@ -104,7 +101,7 @@ def _flatten(z: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, int]:
         raise HTTPException(422, "queries must have at least one axis (the vector axis)")
     axis = _axis(channel_axis, z.ndim)
     zl = z if axis == z.ndim - 1 else np.moveaxis(z, axis, -1)
-    return zl.reshape(-1, zl.shape[-1]), axis
+    return zl.reshape(math.prod(zl.shape[:-1]), zl.shape[-1]), axis  # -1 fails on size 0
 
 
 def _finish_nearest(
@@ -169,7 +166,7 @@ async def nearest(
     _observe(request, entry, int(out["codes"].size), setting)
     if entry.usage is not None:
         entry.usage.record(out["codes"])
-    meta = {"mode": p.mode, "setting": setting}
+    meta = {"mode": p.mode, "setting": setting.to_json()}
     return await respond(request, out, meta, _headers(entry, setting))
 
 
