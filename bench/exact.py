@@ -15,7 +15,6 @@ Timings alternate faiss / ours / ours so that a noisy neighbour hurts both alike
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from _machine import cpu  # bench/ is on sys.path when run as a script
 from faiss.contrib.datasets import SyntheticDataset
 
 from vqsearch.index import knn
@@ -88,7 +88,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     fp32, bf16, int8 = gemm_rate(torch.float32), gemm_rate(torch.bfloat16), int8_rate()
     lines = [
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+        f"machine: {cpu()}, {torch.get_num_threads()} torch "
         f"threads, {faiss.omp_get_max_threads()} faiss threads, torch {torch.__version__}, "
         f"faiss {faiss.__version__}",
         f"GEMM rate measured in this run (4096x4096x256): fp32 {fp32:.0f} GFLOP/s, "

@@ -16,13 +16,13 @@ per-query time at 512, also when run alone): the ratios there compare against th
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
+from _machine import cpu  # bench/ is on sys.path when run as a script
 
 from vqsearch.index import Bank, _scan
 
@@ -51,7 +51,7 @@ def main() -> None:
             _scan.BANK_MAJOR_QUERIES = default
 
     lines = [
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+        f"machine: {cpu()}, {torch.get_num_threads()} torch "
         f"threads, {faiss.omp_get_max_threads()} faiss threads, torch {torch.__version__}, "
         f"faiss {faiss.__version__}; codebook {NB}x{D}, fp32 scan, median of {args.calls} calls",
         "",

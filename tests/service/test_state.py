@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from vqsearch.index import ApproxIndex, FactoryStringError
+from vqsearch.service._entry import DeletedBankError
 from vqsearch.service._lock import DataDirLockedError
-from vqsearch.service._registry import DeletedBankError, Registry
+from vqsearch.service._registry import Registry
 
 from .conftest import CODEBOOK, Server, app_client
 
@@ -287,7 +288,7 @@ def test_compaction_runs_after_the_write_and_keeps_what_was_written_meanwhile(
     reg.remove(entry, [3, 900])
     version, generation, vectors = entry.version, entry.bank.generation, entry.bank.vectors()
     go.set()
-    reg._compactor.submit(lambda: None).result(timeout=60)
+    reg.jobs.drain_compactions()
     assert entry.bank.num_segments == 2  # the compacted one and the append made meanwhile
     assert (entry.version, entry.bank.generation) == (version, generation)
     np.testing.assert_array_equal(entry.bank.vectors(), vectors)
@@ -296,7 +297,7 @@ def test_compaction_runs_after_the_write_and_keeps_what_was_written_meanwhile(
     reg.build_index(entry, "PQ4x4fs")
     _idle(reg)
     index = entry.index
-    reg._compact(entry)  # two segments into one: the index serves on
+    reg.jobs.compact(entry)  # two segments into one: the index serves on
     assert entry.bank.num_segments == 1 and entry.index is index and entry.version == version
     reg.close()
     again = _registry(tmp_path)

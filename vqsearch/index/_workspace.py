@@ -2,8 +2,9 @@
 
 torch has no caching allocator on the CPU: every multi-MiB tensor a search allocates is fresh
 memory whose pages the kernel faults in one by one, and under the service's allocator settings
-(anything over 1 MiB is unmapped when freed) that happens on every call: measured +21% on an
-8192-query search. A search borrows a workspace for its duration; a few are kept for the next.
+(large blocks are unmapped when freed: `vqsearch.service._observe.return_freed_memory`) that
+happens on every call. A search borrows a workspace for its duration; a few are kept for the
+next.
 """
 
 from __future__ import annotations

@@ -27,15 +27,15 @@ from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 from ._admission import AdmissionMiddleware
 from ._budget import Budget
 from ._deps import check_access
-from ._observe import Metrics, ObserveMiddleware, trim_periodically
-from ._registry import (
+from ._entry import (
     BankExistsError,
     LimitError,
     Limits,
     ReadOnlyError,
-    Registry,
     UnknownBankError,
 )
+from ._observe import Metrics, ObserveMiddleware, trim_periodically
+from ._registry import Registry
 from ._searching import Batcher
 from ._settings import Settings
 from .routes import banks, health, query, tradeoff

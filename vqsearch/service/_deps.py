@@ -18,7 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.routing import Route
 
-from ._registry import Entry, Registry
+from ._entry import Entry
+from ._registry import Registry
 from ._settings import Settings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

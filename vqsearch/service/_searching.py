@@ -20,7 +20,7 @@ from fastapi import HTTPException
 
 from vqsearch.index import EmptyBankError, Queries, check_k
 
-from ._registry import Entry
+from ._entry import Entry
 from ._setting import Setting
 from ._sweeps import auto_setting
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from vqsearch.index import VQSearchError, perturbed_queries, pick, sweep
 
-from ._registry import TRADEOFF_FILE, Entry, Registry, SweepPhase, UnknownBankError
+from ._entry import TRADEOFF_FILE, Entry, SweepPhase, UnknownBankError
+from ._registry import Registry
 from ._setting import EXACT, Setting
 
 log = logging.getLogger("vqsearch")

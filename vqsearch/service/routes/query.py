@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from .._budget import take
 from .._deps import VERSION_HEADER, EntryDep, EntryRoute, Reads
+from .._entry import Entry
 from .._errors_doc import ARRAYS, ERRORS
 from .._params import (
     DecodeParams,
@@ -21,7 +22,6 @@ from .._params import (
     from_query,
     query_doc,
 )
-from .._registry import Entry
 from .._searching import run_query
 from .._setting import Setting
 from .._settings import Settings

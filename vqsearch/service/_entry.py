@@ -1,0 +1,161 @@
+"""A bank as the service holds it (`Entry`), the state of its approximate index, and the
+errors of the bank registry."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from vqsearch.index import ApproxIndex, Bank
+
+from ._sampling import Reservoir, Usage
+
+INDEX_FILE = "index/index.faiss"
+BUILDING_FILE = "index/building.json"  # present while a build runs: a crash leaves it behind
+TRADEOFF_FILE = "tradeoff.json"
+
+
+class _Named(str, Enum):
+    """A state that is its value everywhere: JSON, ==, str() and f-strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Phase(_Named):
+    """Where an index build is, as `index.state` reports it."""
+
+    QUEUED = "queued"
+    TRAINING = "training"
+    SAVING = "saving"
+    READY = "ready"  # the index serves the bank's current version
+    STALE = "stale"  # it served an earlier version; no build of this one is under way
+    FAILED = "failed"
+
+
+class SweepPhase(_Named):
+    NONE = "none"
+    QUEUED = "queued"
+    BUILDING = "building index"
+    MEASURING = "measuring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+RUNNING = (Phase.TRAINING, Phase.SAVING)  # a build that has read the bank and not yet finished
+
+
+class BankExistsError(Exception):
+    pass
+
+
+class UnknownBankError(Exception):
+    pass
+
+
+class DeletedBankError(UnknownBankError):
+    """The bank was deleted while a request on it was under way: its write must not land."""
+
+
+class ReadOnlyError(Exception):
+    pass
+
+
+class LimitError(Exception):
+    """A configured limit (named in the message) would be exceeded."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_d: int = 65536
+    max_bank_vectors: int = 10_000_000
+    max_banks: int = 1000
+
+
+@dataclass
+class IndexState:
+    """The bank's approximate index as the API reports it: a build under way, or the index
+    that serves (ready) or served until a write (stale)."""
+
+    spec: str
+    state: Phase = Phase.QUEUED
+    progress: float = 0.0
+    error: str | None = None
+    bank_version: str | None = None
+    build_seconds: float | None = None
+    train_size: int | None = None
+
+    def info(self, index: ApproxIndex | None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "spec": self.spec,
+            "state": self.state,
+            "progress": self.progress,
+            "error": self.error,
+            "bank_version": self.bank_version,
+            "build_seconds": self.build_seconds,
+        }
+        if index is not None:
+            out |= {
+                "nprobe": index.nprobe,
+                "k_factor": index.k_factor,
+                "nlist": index.nlist,
+                "ntotal": index.ntotal,
+            }
+        return out
+
+
+@dataclass
+class Entry:
+    name: str
+    bank: Bank
+    index: ApproxIndex | None = None  # set only while it matches the bank's content
+    build: IndexState | None = None  # what the API reports: the latest build, or `working`
+    working: IndexState | None = None  # the last index that built: what writes rebuild
+    dead: bool = False  # deleted: every writer holding this entry is refused (under `lock`)
+    compacting: bool = False  # a compaction is queued or under way (under `lock`)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    reservoir: Reservoir | None = None
+    usage: Usage | None = None
+    stamp: tuple[int, ...] = ()  # what the files looked like when loaded (replicas compare)
+    tradeoff: dict[str, Any] | None = None  # the last sweep's report
+    sweep: dict[str, Any] = field(
+        default_factory=lambda: {"state": SweepPhase.NONE, "progress": 0.0}
+    )
+
+    @property
+    def version(self) -> str:
+        """Content hash and generation: what `X-Vqsearch-Bank-Version` carries."""
+        return f"{self.bank.version}-{self.bank.generation}"
+
+    def info(self) -> dict[str, Any]:
+        b = self.bank
+        return {
+            "name": self.name,
+            "d": b.d,
+            "count": b.ntotal,
+            "metric": b.metric,
+            "bytes": b.nbytes,
+            "version": self.version,
+            "generation": b.generation,
+            "segments": b.num_segments,
+            "max_id": int(b.ids().max()) if b.ntotal else None,
+            "index": None if self.build is None else self.build.info(self.index),
+            "tradeoff": self.sweep | {"measured": self.tradeoff is not None},
+            "query_sample": None if self.reservoir is None else len(self.reservoir.sample()),
+            "usage": None if self.usage is None else self.usage.summary(b.ids()),
+        }
+
+
+def stamp_of(p: Path) -> tuple[int, ...]:
+    """Change marks of a bank directory: manifest, index sidecar and sweep report mtimes."""
+    files = (p / "manifest.json", p / (INDEX_FILE + ".json"), p / TRADEOFF_FILE)
+    return tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files)
+
+
+def check_alive(entry: Entry) -> None:
+    """Call under entry.lock before writing to the bank's directory."""
+    if entry.dead:
+        raise DeletedBankError(f"bank {entry.name!r} was deleted while this request ran")
