@@ -299,7 +299,10 @@ def check_answer(
             f"the answer would take about {size} bytes as {'binary' if binary else 'JSON'}, "
             f"over VQSEARCH_MAX_ANSWER_BYTES={limit}: ask for {fix}{alt}",
         )
-    take(request, size * (1 if binary else JSON_HOLD), "the answer")
+    # .npy streams from the array; an .npz is written into a buffer beside it; JSON is held
+    # as arrays, Python objects and text
+    hold = JSON_HOLD if not binary else 1 if len(arrays) == 1 else 2
+    take(request, size * hold, "the answer")
 
 
 async def respond(
