@@ -75,7 +75,7 @@ def _local(args: argparse.Namespace, bar: Bar) -> dict[str, Any]:
 
 
 def _remote(args: argparse.Namespace, bar: Bar) -> dict[str, Any]:
-    from vqsearch.client import Client
+    from vqsearch.client import Client, SweepPhase
 
     if not args.bank:
         raise SystemExit("--server needs --bank NAME")
@@ -84,13 +84,15 @@ def _remote(args: argparse.Namespace, bar: Bar) -> dict[str, Any]:
         c.tradeoff(
             args.bank, queries, args.spec, args.n_queries, args.batch_sizes, args.min_seconds
         )
-        while (job := c.get_tradeoff(args.bank))["state"] not in ("done", "failed"):
-            bar(float(job["progress"]))
+        while (job := c.get_tradeoff(args.bank)).state not in (SweepPhase.DONE, SweepPhase.FAILED):
+            bar(job.progress)
             time.sleep(0.5)
-    if job["state"] == "failed":
-        raise SystemExit(f"sweep failed: {job.get('error')}")
+    if job.state is SweepPhase.FAILED:
+        raise SystemExit(f"sweep failed: {job.error}")
+    if job.report is None:
+        raise SystemExit("the sweep finished without a report")
     bar(1.0)
-    return dict(job["report"])
+    return dict(job.report.raw)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -119,7 +119,7 @@ async def test_client_tradeoff_methods(settings):
         await c.create_bank("cb", CODEBOOK)
         await c.tradeoff("cb", batch_sizes=[1], min_seconds=0.0, n_queries=30)
         job = await c.wait_tradeoff("cb", timeout=120)
-        assert job["report"]["points"][0]["spec"] == "exact"
+        assert job.report is not None and job.report.points[0].spec == "exact"
         res = await c.search("cb", CODEBOOK[:3], k=1, mode="auto", target_recall=0.5)
         assert res.ids.shape == (3, 1)
     assert sent[-1].url.params["mode"] == "auto" and sent[-1].url.params["target_recall"] == "0.5"

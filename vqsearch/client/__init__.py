@@ -1,8 +1,8 @@
 """Python client for the vqsearch service: needs only httpx and numpy (torch tensors accepted
-without importing torch). `AsyncClient` and `Client` have the same methods."""
+without importing torch). `AsyncClient` and `Client` have the same methods, returning the typed
+results below (`BankInfo`, `IndexInfo`, `TradeoffJob`, `SearchResult`, ...)."""
 
 from ._async import AsyncClient
-from ._core import NearestResult, SearchResult
 from ._exceptions import (
     APIError,
     AuthenticationError,
@@ -14,6 +14,7 @@ from ._exceptions import (
     PayloadTooLargeError,
     PermissionDeniedError,
     PreconditionFailedError,
+    ResponseFormatError,
     ServerError,
     ServiceUnavailableError,
     TransportError,
@@ -22,14 +23,31 @@ from ._exceptions import (
     VQSearchClientError,
 )
 from ._sync import Client
+from ._types import (
+    BankInfo,
+    Health,
+    IndexInfo,
+    IndexPhase,
+    NearestResult,
+    SearchResult,
+    SweepPhase,
+    TradeoffJob,
+    TradeoffPoint,
+    TradeoffReport,
+    UsageSummary,
+)
 
 __all__ = [
     "APIError",
     "AsyncClient",
     "AuthenticationError",
     "BadRequestError",
+    "BankInfo",
     "Client",
     "ConflictError",
+    "Health",
+    "IndexInfo",
+    "IndexPhase",
     "JobFailedError",
     "JobTimeoutError",
     "NearestResult",
@@ -37,11 +55,17 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PreconditionFailedError",
+    "ResponseFormatError",
     "SearchResult",
     "ServerError",
     "ServiceUnavailableError",
+    "SweepPhase",
+    "TradeoffJob",
+    "TradeoffPoint",
+    "TradeoffReport",
     "TransportError",
     "UnprocessableError",
     "UnsupportedMediaTypeError",
+    "UsageSummary",
     "VQSearchClientError",
 ]

@@ -1,7 +1,8 @@
 """What the sync and async clients share: requests as data, codecs, chunking, error mapping.
 
-A client method builds a `Plan`: the HTTP calls to make (one per chunk of a large batch) and how
-to combine their parsed answers. Only running a plan differs between the two clients.
+Each route is a method of `Requests` that builds a `Plan[T]`: the HTTP calls to make (one per
+chunk of a large batch) and how to combine their parsed answers into the method's result `T`.
+Only running a plan differs between the two clients.
 """
 
 from __future__ import annotations
@@ -10,18 +11,58 @@ import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 
-from ._exceptions import JobFailedError, error_for
+from .._wire_names import (
+    ACCEPT_HEADER,
+    API_PREFIX,
+    CODES_FIELD,
+    CONTENT_TYPE_HEADER,
+    DECODE_ROUTE,
+    DISTANCES_FIELD,
+    ERRORS_FIELD,
+    HEALTH_PATH,
+    IDS_FIELD,
+    IF_MATCH_HEADER,
+    INDEX_ROUTE,
+    JSON,
+    NEAREST_ROUTE,
+    NPY,
+    NPZ,
+    QUANTIZED_FIELD,
+    QUERIES_FIELD,
+    READY_PATH,
+    REQUEST_ID_HEADER,
+    SEARCH_ROUTE,
+    SETTING_HEADER,
+    TRADEOFF_ROUTE,
+    VECTORS_FIELD,
+    VECTORS_ROUTE,
+    VERSION_HEADER,
+    IndexPhase,
+    SweepPhase,
+    bank_path,
+)
+from ._exceptions import JobFailedError, ResponseFormatError, error_for
+from ._types import (
+    BankInfo,
+    Health,
+    IndexInfo,
+    NearestResult,
+    SearchResult,
+    TradeoffJob,
+)
 
-NPY, NPZ, JSON = "application/x-npy", "application/x-npz", "application/json"
-VERSION_HEADER = "x-vqsearch-bank-version"
+T = TypeVar("T")
+U = TypeVar("U")
+Array = npt.NDArray[Any]
 
 
-def to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> Array:
     """numpy array from array-likes and torch tensors (without importing torch)."""
     if type(x).__module__.split(".")[0] == "torch":
         x = x.detach().cpu()
@@ -31,68 +72,70 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _json_object(r: httpx.Response) -> dict[str, Any]:
+    doc = r.json()
+    if not isinstance(doc, dict):
+        raise TypeError(f"{r.request.method} {r.request.url.path}: expected a JSON object")
+    return doc
+
+
 @dataclass
-class Call:
+class Call(Generic[U]):
     """One HTTP request and how to read its answer."""
 
     method: str
     path: str
-    parse: Callable[[httpx.Response], Any]
+    parse: Callable[[httpx.Response], U]
     params: dict[str, Any] = field(default_factory=dict)
     content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     idempotent: bool = True
 
+    def read(self, resp: httpx.Response) -> U:
+        """The parsed answer; a success this client cannot read is a `ResponseFormatError`."""
+        try:
+            return self.parse(resp)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResponseFormatError(
+                f"{self.method} {self.path}: unreadable answer: {exc!r}"
+            ) from exc
+
+
+def _first(results: list[Any]) -> Any:
+    return results[0]
+
 
 @dataclass
-class Plan:
-    calls: list[Call]
-    combine: Callable[[list[Any]], Any] = lambda results: results[0]
+class Plan(Generic[T]):
+    calls: list[Call[Any]]
+    combine: Callable[[list[Any]], T] = _first
     pin_version: bool = False  # chunks after the first must see the bank version it saw
 
-    def pin(self, later: list[Call], first: httpx.Response) -> None:
+    def pin(self, later: list[Call[Any]], first: httpx.Response) -> None:
         """Make the later chunks fail with 412 if the bank changed since the first one."""
         version = first.headers.get(VERSION_HEADER)
         if self.pin_version and version:
             for call in later:
-                call.headers["if-match"] = version
+                call.headers[IF_MATCH_HEADER] = version
 
 
-@dataclass
-class SearchResult:
-    """distances (nq, k) float32 and ids (nq, k) int64; unpacks as `D, I = result`."""
-
-    distances: np.ndarray
-    ids: np.ndarray
-    version: str | None = None
-
-    def __iter__(self) -> Any:
-        return iter((self.distances, self.ids))
+def one(call: Call[T]) -> Plan[T]:
+    """A plan of one call, whose result is that call's."""
+    return Plan([call], _first)
 
 
-@dataclass
-class NearestResult:
-    """codes (...) of each vector; quantized (z_q, the input's layout) and errors when asked."""
-
-    codes: np.ndarray
-    quantized: np.ndarray | None = None
-    errors: np.ndarray | None = None
-    version: str | None = None
-
-
-def index_done(info: dict[str, Any]) -> bool:
+def index_done(info: BankInfo) -> bool:
     """True once the bank's index is ready; JobFailedError if its build failed."""
-    index = info.get("index") or {}
-    if index.get("state") == "failed":
-        raise JobFailedError(f"index build failed: {index.get('error')}")
-    return bool(index.get("state") == "ready")
+    if info.index is not None and info.index.state is IndexPhase.FAILED:
+        raise JobFailedError(f"index build failed: {info.index.error}")
+    return info.index is not None and info.index.state is IndexPhase.READY
 
 
-def sweep_done(job: dict[str, Any]) -> bool:
+def sweep_done(job: TradeoffJob) -> bool:
     """True once the bank's tradeoff sweep is done; JobFailedError if it failed."""
-    if job.get("state") == "failed":
-        raise JobFailedError(f"tradeoff sweep failed: {job.get('error')}")
-    return bool(job.get("state") == "done")
+    if job.state is SweepPhase.FAILED:
+        raise JobFailedError(f"tradeoff sweep failed: {job.error}")
+    return job.state is SweepPhase.DONE
 
 
 def raise_for_status(resp: httpx.Response) -> None:
@@ -104,11 +147,11 @@ def raise_for_status(resp: httpx.Response) -> None:
         detail = json.loads(text).get("detail", text)
     except (ValueError, AttributeError):
         detail = text[:200]
-    raise error_for(resp.status_code, detail, text)
+    raise error_for(resp.status_code, detail, text, resp.headers.get(REQUEST_ID_HEADER))
 
 
 def _encode(
-    arrays: dict[str, np.ndarray], binary: bool, extra: dict[str, Any]
+    arrays: dict[str, Array], binary: bool, extra: dict[str, Any]
 ) -> tuple[bytes, str, dict[str, Any]]:
     """Body bytes, content type, and the parameters that go in the query string."""
     if not binary:
@@ -122,20 +165,26 @@ def _encode(
     return buf.getvalue(), NPZ, extra
 
 
-def decode_arrays(resp: httpx.Response) -> dict[str, np.ndarray]:
+def decode_arrays(resp: httpx.Response) -> dict[str, Array]:
+    """The answer's arrays by name; a lone `.npy` array is named ""."""
     ctype = resp.headers.get("content-type", "").split(";")[0]
     if ctype == NPY:
         return {"": np.load(io.BytesIO(resp.content), allow_pickle=False)}
     if ctype == NPZ:
         with np.load(io.BytesIO(resp.content), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    doc = resp.json()
+    doc = _json_object(resp)
     out = {}
     for k, v in doc.items():
         if isinstance(v, (list, int, float)) and not isinstance(v, bool):
             a = np.asarray(v, dtype=object)
             out[k] = np.where(a == None, np.inf, a) if (a == None).any() else np.asarray(v)  # noqa: E711
     return out
+
+
+def _array(arrays: dict[str, Array], name: str) -> Array:
+    """The named array of an answer, or its lone `.npy` array."""
+    return arrays[name] if name in arrays else arrays[""]
 
 
 def _clean(params: dict[str, Any]) -> dict[str, Any]:
@@ -146,51 +195,62 @@ def _clean(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class Methods:
-    """The API, one method per route; subclasses define `_run(plan)` (sync or async)."""
+def _json_call(
+    method: str, path: str, parse: Callable[[httpx.Response], T], doc: Any, idempotent: bool = True
+) -> Call[T]:
+    return Call(
+        method,
+        path,
+        parse,
+        {},
+        json.dumps(doc).encode(),
+        {CONTENT_TYPE_HEADER: JSON},
+        idempotent,
+    )
+
+
+class Requests:
+    """The API, one method per route, each returning the `Plan` a client runs."""
 
     def __init__(self, binary: bool = True, chunk_size: int = 65536) -> None:
         self.binary, self.chunk_size = binary, chunk_size
 
-    def _run(self, plan: Plan) -> Any:
-        raise NotImplementedError
-
-    def _get(self, path: str) -> Any:
-        return self._run(Plan([Call("GET", path, lambda r: r.json())]))
+    def _get(self, path: str, parse: Callable[[dict[str, Any]], T]) -> Plan[T]:
+        return one(Call("GET", path, lambda r: parse(_json_object(r))))
 
     def _array_call(
         self,
         path: str,
-        arrays: dict[str, np.ndarray],
+        arrays: dict[str, Array],
         params: dict[str, Any],
-        parse: Callable[[httpx.Response], Any],
+        parse: Callable[[httpx.Response], T],
         idempotent: bool = True,
         version: str | None = None,
         method: str = "POST",
-    ) -> Call:
+    ) -> Call[T]:
         content, ctype, query = _encode(arrays, self.binary, _clean(params))
-        headers = {"content-type": ctype, "accept": NPZ if self.binary else JSON}
+        headers = {CONTENT_TYPE_HEADER: ctype, ACCEPT_HEADER: NPZ if self.binary else JSON}
         if version is not None:
-            headers["if-match"] = version
+            headers[IF_MATCH_HEADER] = version
         return Call(method, path, parse, query, content, headers, idempotent)
 
     def _chunked(
         self,
         path: str,
         name: str,
-        x: np.ndarray,
+        x: Array,
         params: dict[str, Any],
-        parse: Callable[[httpx.Response], Any],
-        combine: Callable[[list[Any]], Any],
+        parse: Callable[[httpx.Response], U],
+        combine: Callable[[list[U]], T],
         version: str | None,
         axis: int | None = None,
-    ) -> Plan:
+    ) -> Plan[T]:
         """One call per `chunk_size` rows of x's first axis; none when that axis is the vector
         axis (`axis` 0), which cannot be split."""
         n = len(x) if x.ndim else 1
         whole = x.ndim == 0 or (axis is not None and axis % x.ndim == 0)
         starts = [0] if whole else range(0, max(n, 1), self.chunk_size)
-        calls = [
+        calls: list[Call[Any]] = [
             self._array_call(
                 path,
                 {name: x if whole else x[i0 : i0 + self.chunk_size]},
@@ -204,20 +264,17 @@ class Methods:
 
     # -- routes ----------------------------------------------------------------------------------
 
-    def health(self) -> Any:
-        """{"status": "ok"} while the server process is alive."""
-        return self._get("/healthz")
+    def health(self) -> Plan[Health]:
+        return self._get(HEALTH_PATH, Health.from_json)
 
-    def ready(self) -> Any:
-        return self._get("/readyz")
+    def ready(self) -> Plan[Health]:
+        return self._get(READY_PATH, Health.from_json)
 
-    def list_banks(self) -> Any:
-        """A list of bank infos (dicts)."""
-        return self._get("/v1/banks")
+    def list_banks(self) -> Plan[list[BankInfo]]:
+        return one(Call("GET", API_PREFIX, lambda r: [BankInfo.from_json(b) for b in r.json()]))
 
-    def get_bank(self, name: str) -> Any:
-        """Bank info: d, count, metric, bytes, version, index state."""
-        return self._get(f"/v1/banks/{name}")
+    def get_bank(self, name: str) -> Plan[BankInfo]:
+        return self._get(bank_path(name), BankInfo.from_json)
 
     def create_bank(
         self,
@@ -226,58 +283,43 @@ class Methods:
         ids: Any = None,
         metric: str = "l2",
         d: int | None = None,
-    ) -> Any:
-        """Create a bank from vectors (n, d), or empty with `d`. Returns its info."""
-        arrays = {} if vectors is None else {"vectors": to_numpy(vectors)}
+    ) -> Plan[BankInfo]:
+        arrays = {} if vectors is None else {VECTORS_FIELD: to_numpy(vectors)}
         if ids is not None:
-            arrays["ids"] = to_numpy(ids).astype(np.int64)
+            arrays[IDS_FIELD] = to_numpy(ids).astype(np.int64)
         params = {"metric": metric, "d": d}
+
+        def parse(r: httpx.Response) -> BankInfo:
+            return BankInfo.from_json(_json_object(r))
+
         if not arrays:
-            content = json.dumps(_clean(params)).encode()
-            call = Call(
-                "PUT",
-                f"/v1/banks/{name}",
-                lambda r: r.json(),
-                {},
-                content,
-                {"content-type": JSON},
-                False,
-            )
-        else:
-            call = self._array_call(
-                f"/v1/banks/{name}", arrays, params, lambda r: r.json(), False, method="PUT"
-            )
-        return self._run(Plan([call]))
+            return one(_json_call("PUT", bank_path(name), parse, _clean(params), False))
+        return one(self._array_call(bank_path(name), arrays, params, parse, False, method="PUT"))
 
-    def delete_bank(self, name: str) -> Any:
-        return self._run(Plan([Call("DELETE", f"/v1/banks/{name}", lambda r: r.json())]))
+    def delete_bank(self, name: str) -> Plan[str]:
+        return one(Call("DELETE", bank_path(name), lambda r: str(_json_object(r)["deleted"])))
 
-    def add(self, name: str, vectors: Any, ids: Any = None) -> Any:
-        """Append vectors (n, d); returns the ids (n,) they were given. Never retried."""
-        arrays = {"vectors": to_numpy(vectors)}
+    def add(self, name: str, vectors: Any, ids: Any = None) -> Plan[npt.NDArray[np.int64]]:
+        arrays = {VECTORS_FIELD: to_numpy(vectors)}
         if ids is not None:
-            arrays["ids"] = to_numpy(ids).astype(np.int64)
+            arrays[IDS_FIELD] = to_numpy(ids).astype(np.int64)
 
-        def parse(r: httpx.Response) -> np.ndarray:
-            a = decode_arrays(r)
-            return np.asarray(a.get("ids", a.get("")), dtype=np.int64)
+        def parse(r: httpx.Response) -> npt.NDArray[np.int64]:
+            return np.asarray(_array(decode_arrays(r), IDS_FIELD), dtype=np.int64)
 
-        return self._run(
-            Plan(
-                [self._array_call(f"/v1/banks/{name}/vectors", arrays, {}, parse, idempotent=False)]
+        path = bank_path(name, VECTORS_ROUTE)
+        return one(self._array_call(path, arrays, {}, parse, idempotent=False))
+
+    def remove(self, name: str, ids: Any) -> Plan[int]:
+        return one(
+            self._array_call(
+                bank_path(name, VECTORS_ROUTE),
+                {IDS_FIELD: to_numpy(ids).astype(np.int64)},
+                {},
+                lambda r: int(_json_object(r)["removed"]),
+                method="DELETE",
             )
         )
-
-    def remove(self, name: str, ids: Any) -> Any:
-        """Delete vectors by id (all or none); returns how many were removed."""
-        call = self._array_call(
-            f"/v1/banks/{name}/vectors",
-            {"ids": to_numpy(ids).astype(np.int64)},
-            {},
-            lambda r: r.json()["removed"],
-            method="DELETE",
-        )
-        return self._run(Plan([call]))
 
     def search(
         self,
@@ -289,16 +331,14 @@ class Methods:
         k_factor: float | None = None,
         version: str | None = None,
         target_recall: float | None = None,
-    ) -> Any:
-        """Top-k: `SearchResult` (distances, ids), each (nq, k). Large batches go in chunks.
-        mode: exact, approx, or auto (fastest measured setting reaching `target_recall`)."""
-
+    ) -> Plan[SearchResult]:
         def parse(r: httpx.Response) -> SearchResult:
             a = decode_arrays(r)
             return SearchResult(
-                a["distances"].astype(np.float32),
-                a["ids"].astype(np.int64),
+                a[DISTANCES_FIELD].astype(np.float32),
+                a[IDS_FIELD].astype(np.int64),
                 r.headers.get(VERSION_HEADER),
+                r.headers.get(SETTING_HEADER),
             )
 
         def combine(parts: list[SearchResult]) -> SearchResult:
@@ -306,6 +346,7 @@ class Methods:
                 np.concatenate([p.distances for p in parts]),
                 np.concatenate([p.ids for p in parts]),
                 parts[0].version,
+                parts[0].setting,
             )
 
         params = {
@@ -315,17 +356,9 @@ class Methods:
             "k_factor": k_factor,
             "target_recall": target_recall,
         }
-        return self._run(
-            self._chunked(
-                f"/v1/banks/{name}/search",
-                "queries",
-                to_numpy(queries),
-                params,
-                parse,
-                combine,
-                version,
-            )
-        )
+        path = bank_path(name, SEARCH_ROUTE)
+        xq = to_numpy(queries)
+        return self._chunked(path, QUERIES_FIELD, xq, params, parse, combine, version)
 
     def nearest(
         self,
@@ -339,24 +372,29 @@ class Methods:
         nprobe: int | None = None,
         version: str | None = None,
         target_recall: float | None = None,
-    ) -> Any:
-        """Nearest code of every vector: `NearestResult`. z (..., d) -> codes (...); with
-        channel_axis=1, z (B, C, H, W) -> codes (B, H, W). Chunks split the first axis."""
-        zn = to_numpy(z)
-
+    ) -> Plan[NearestResult]:
         def parse(r: httpx.Response) -> NearestResult:
             a = decode_arrays(r)
-            codes = a["codes"] if "codes" in a else a[""]
             return NearestResult(
-                codes, a.get("quantized"), a.get("errors"), r.headers.get(VERSION_HEADER)
+                _array(a, CODES_FIELD),
+                a.get(QUANTIZED_FIELD),
+                a.get(ERRORS_FIELD),
+                r.headers.get(VERSION_HEADER),
+                r.headers.get(SETTING_HEADER),
             )
 
         def combine(parts: list[NearestResult]) -> NearestResult:
-            def cat(field_: str) -> np.ndarray | None:
-                got = [getattr(p, field_) for p in parts]
-                return None if got[0] is None else np.concatenate(got)
+            def cat(got: list[Array | None]) -> Array | None:
+                arrays = [a for a in got if a is not None]
+                return np.concatenate(arrays) if len(arrays) == len(got) else None
 
-            return NearestResult(cat("codes"), cat("quantized"), cat("errors"), parts[0].version)  # type: ignore[arg-type]
+            return NearestResult(
+                np.concatenate([p.codes for p in parts]),
+                cat([p.quantized for p in parts]),
+                cat([p.errors for p in parts]),
+                parts[0].version,
+                parts[0].setting,
+            )
 
         params = {
             "channel_axis": channel_axis,
@@ -367,55 +405,33 @@ class Methods:
             "nprobe": nprobe,
             "target_recall": target_recall,
         }
-        return self._run(
-            self._chunked(
-                f"/v1/banks/{name}/nearest",
-                "queries",
-                zn,
-                params,
-                parse,
-                combine,
-                version,
-                channel_axis,
-            )
-        )
+        path = bank_path(name, NEAREST_ROUTE)
+        zn = to_numpy(z)
+        return self._chunked(path, QUERIES_FIELD, zn, params, parse, combine, version, channel_axis)
 
     def decode(
         self, name: str, codes: Any, channel_axis: int | None = None, version: str | None = None
-    ) -> Any:
-        """Codes of any shape -> vectors codes.shape + (d,) (or d at `channel_axis`)."""
+    ) -> Plan[npt.NDArray[np.float32]]:
+        def parse(r: httpx.Response) -> npt.NDArray[np.float32]:
+            return np.asarray(_array(decode_arrays(r), VECTORS_FIELD), dtype=np.float32)
 
-        def parse(r: httpx.Response) -> np.ndarray:
-            a = decode_arrays(r)
-            return np.asarray(a.get("vectors", a.get("")), dtype=np.float32)
+        def combine(parts: list[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
+            return np.concatenate(parts)
 
         c = to_numpy(codes).astype(np.int64)
         # the answer has one more axis than the codes; d first means no axis to split
         first = channel_axis is not None and channel_axis % (c.ndim + 1) == 0
         params = {"channel_axis": channel_axis}
-        path = f"/v1/banks/{name}/decode"
-        plan = self._chunked(
-            path, "codes", c, params, parse, np.concatenate, version, 0 if first else None
-        )
-        return self._run(plan)
+        path = bank_path(name, DECODE_ROUTE)
+        axis = 0 if first else None
+        return self._chunked(path, CODES_FIELD, c, params, parse, combine, version, axis)
 
-    def build_index(self, name: str, spec: str | None = None, train_size: int | None = None) -> Any:
-        """Start building the bank's approximate index (202); returns the index state."""
-        content = json.dumps(_clean({"spec": spec, "train_size": train_size})).encode()
-        return self._run(
-            Plan(
-                [
-                    Call(
-                        "PUT",
-                        f"/v1/banks/{name}/index",
-                        lambda r: r.json(),
-                        {},
-                        content,
-                        {"content-type": JSON},
-                    )
-                ]
-            )
-        )
+    def build_index(
+        self, name: str, spec: str | None = None, train_size: int | None = None
+    ) -> Plan[IndexInfo]:
+        doc = _clean({"spec": spec, "train_size": train_size})
+        path = bank_path(name, INDEX_ROUTE)
+        return one(_json_call("PUT", path, lambda r: IndexInfo.from_json(_json_object(r)), doc))
 
     def tradeoff(
         self,
@@ -425,8 +441,7 @@ class Methods:
         n_queries: int | None = None,
         batch_sizes: Sequence[int] | None = None,
         min_seconds: float | None = None,
-    ) -> Any:
-        """Start a recall/speed sweep of the bank (202); returns the job state."""
+    ) -> Plan[TradeoffJob]:
         params = _clean(
             {
                 "specs": list(specs),
@@ -435,18 +450,13 @@ class Methods:
                 "batch_sizes": None if batch_sizes is None else list(batch_sizes),
             }
         )
-        doc = params | ({} if queries is None else {"queries": to_numpy(queries).tolist()})
-        call = Call(
-            "POST",
-            f"/v1/banks/{name}/tradeoff",
-            lambda r: r.json(),
-            {},
-            json.dumps(doc).encode(),
-            {"content-type": JSON},
-            idempotent=False,
-        )
-        return self._run(Plan([call]))
+        doc = params | ({} if queries is None else {QUERIES_FIELD: to_numpy(queries).tolist()})
+        path = bank_path(name, TRADEOFF_ROUTE)
 
-    def get_tradeoff(self, name: str) -> Any:
-        """{"state", "progress", "report"}: the last measured curve of the bank."""
-        return self._get(f"/v1/banks/{name}/tradeoff")
+        def parse(r: httpx.Response) -> TradeoffJob:
+            return TradeoffJob.from_json(_json_object(r))
+
+        return one(_json_call("POST", path, parse, doc, idempotent=False))
+
+    def get_tradeoff(self, name: str) -> Plan[TradeoffJob]:
+        return self._get(bank_path(name, TRADEOFF_ROUTE), TradeoffJob.from_json)

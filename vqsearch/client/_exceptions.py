@@ -2,6 +2,7 @@
 
 VQSearchClientError
 ├── TransportError                 no HTTP answer: connection refused, reset, timed out
+├── ResponseFormatError            a success answer this client cannot read
 └── APIError                       the server answered with an error status
     ├── BadRequestError            400  unreadable body
     ├── AuthenticationError        401  no or unknown API key
@@ -29,6 +30,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PreconditionFailedError",
+    "ResponseFormatError",
     "ServerError",
     "ServiceUnavailableError",
     "TransportError",
@@ -48,6 +50,11 @@ class TransportError(VQSearchClientError):
     """The request got no HTTP answer."""
 
 
+class ResponseFormatError(VQSearchClientError):
+    """A success status whose body is not what this client reads (not JSON, a field it needs
+    missing or of another type): a server of another API version, or not a vqsearch server."""
+
+
 class JobFailedError(VQSearchClientError):
     """A background job (index build, tradeoff sweep) ended in failure."""
 
@@ -57,10 +64,13 @@ class JobTimeoutError(VQSearchClientError, TimeoutError):
 
 
 class APIError(VQSearchClientError):
-    """An error status, with the server's `detail` and the (truncated) body kept."""
+    """An error status, with the server's `detail`, the (truncated) body and the request's id
+    (`X-Request-ID`, as the server logged it) kept."""
 
-    def __init__(self, status: int, detail: object, body: str) -> None:
-        self.status, self.detail = status, detail
+    def __init__(
+        self, status: int, detail: object, body: str, request_id: str | None = None
+    ) -> None:
+        self.status, self.detail, self.request_id = status, detail, request_id
         self.body = body[:BODY_LIMIT]
         super().__init__(f"{status}: {detail}")
 
@@ -112,6 +122,6 @@ BY_STATUS: dict[int, type[APIError]] = {
 }
 
 
-def error_for(status: int, detail: object, body: str) -> APIError:
+def error_for(status: int, detail: object, body: str, request_id: str | None = None) -> APIError:
     cls = BY_STATUS.get(status, ServerError if status >= 500 else APIError)
-    return cls(status, detail, body)
+    return cls(status, detail, body, request_id)

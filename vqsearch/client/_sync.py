@@ -1,22 +1,28 @@
-"""`Client`: the same API over `httpx.Client`; chunks are sent one after another."""
+"""`Client`: the API over `httpx.Client`; chunks are sent one after another."""
 
 from __future__ import annotations
 
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import numpy as np
+import numpy.typing as npt
 
-from ._core import Call, Methods, Plan, index_done, sweep_done
+from .._wire_names import AUTHORIZATION_HEADER, BEARER
+from ._core import Call, Plan, Requests, index_done, sweep_done
 from ._exceptions import JobTimeoutError
 from ._retry import final, next_delay
+from ._types import BankInfo, Health, IndexInfo, NearestResult, SearchResult, TradeoffJob
+
+T = TypeVar("T")
 
 
-class Client(Methods):
+class Client:
     """Blocking client with the methods of `AsyncClient`; use as a context manager."""
 
     def __init__(
@@ -29,8 +35,8 @@ class Client(Methods):
         chunk_size: int = 65536,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(binary, chunk_size)
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._requests = Requests(binary, chunk_size)
+        headers = {AUTHORIZATION_HEADER: f"{BEARER} {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=base_url, timeout=timeout, headers=headers, transport=transport
         )
@@ -47,7 +53,7 @@ class Client(Methods):
     def close(self) -> None:
         self._http.close()
 
-    def send(self, call: Call) -> httpx.Response:
+    def send(self, call: Call[Any]) -> httpx.Response:
         """One call, with retries; every failure leaves as a `VQSearchClientError`."""
         for attempt in itertools.count():
             exc, resp = None, None
@@ -67,15 +73,15 @@ class Client(Methods):
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _run(self, plan: Plan) -> Any:
+    def _run(self, plan: Plan[T]) -> T:
         first, *later = plan.calls
         resp = self.send(first)
         plan.pin(later, resp)
-        return plan.combine([first.parse(resp), *(c.parse(self.send(c)) for c in later)])
+        return plan.combine([first.read(resp), *(c.read(self.send(c)) for c in later)])
 
     def _poll(
-        self, fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float, poll: float
-    ) -> Any:
+        self, fetch: Callable[[], T], done: Callable[[T], bool], timeout: float, poll: float
+    ) -> T:
         deadline = time.monotonic() + timeout
         while not done(state := fetch()):
             if time.monotonic() > deadline:
@@ -83,10 +89,147 @@ class Client(Methods):
             time.sleep(poll)
         return state
 
-    def wait_index(self, name: str, timeout: float = 600.0, poll: float = 0.2) -> Any:
+    # -- routes (the same in AsyncClient) --------------------------------------------------------
+
+    def health(self) -> Health:
+        """`status` "ok" while the server process is alive."""
+        return self._run(self._requests.health())
+
+    def ready(self) -> Health:
+        """`status` "ready" and the number of `banks` once they are loaded (503 before)."""
+        return self._run(self._requests.ready())
+
+    def list_banks(self) -> list[BankInfo]:
+        """Every bank's info, by name."""
+        return self._run(self._requests.list_banks())
+
+    def get_bank(self, name: str) -> BankInfo:
+        """Bank info: d, count, metric, bytes, version, index state, tradeoff sweep, usage."""
+        return self._run(self._requests.get_bank(name))
+
+    def create_bank(
+        self,
+        name: str,
+        vectors: Any = None,
+        ids: Any = None,
+        metric: str = "l2",
+        d: int | None = None,
+    ) -> BankInfo:
+        """Create a bank from vectors (n, d), or empty with `d`. Returns its info."""
+        plan = self._requests.create_bank(name, vectors=vectors, ids=ids, metric=metric, d=d)
+        return self._run(plan)
+
+    def delete_bank(self, name: str) -> str:
+        """Delete the bank and its files; returns its name."""
+        return self._run(self._requests.delete_bank(name))
+
+    def add(self, name: str, vectors: Any, ids: Any = None) -> npt.NDArray[np.int64]:
+        """Append vectors (n, d); returns the ids (n,) they were given. Never retried."""
+        return self._run(self._requests.add(name, vectors=vectors, ids=ids))
+
+    def remove(self, name: str, ids: Any) -> int:
+        """Delete vectors by id (all or none); returns how many were removed."""
+        return self._run(self._requests.remove(name, ids=ids))
+
+    def search(
+        self,
+        name: str,
+        queries: Any,
+        k: int = 10,
+        mode: str = "exact",
+        nprobe: int | None = None,
+        k_factor: float | None = None,
+        version: str | None = None,
+        target_recall: float | None = None,
+    ) -> SearchResult:
+        """Top-k: `SearchResult` (distances, ids), each (nq, k). Large batches go in chunks.
+        mode: exact, approx, or auto (fastest measured setting reaching `target_recall`)."""
+        plan = self._requests.search(
+            name,
+            queries=queries,
+            k=k,
+            mode=mode,
+            nprobe=nprobe,
+            k_factor=k_factor,
+            version=version,
+            target_recall=target_recall,
+        )
+        return self._run(plan)
+
+    def nearest(
+        self,
+        name: str,
+        z: Any,
+        channel_axis: int | None = None,
+        return_quantized: bool = False,
+        return_error: bool = False,
+        codes_dtype: str = "int64",
+        mode: str = "exact",
+        nprobe: int | None = None,
+        version: str | None = None,
+        target_recall: float | None = None,
+    ) -> NearestResult:
+        """Nearest code of every vector: `NearestResult`. z (..., d) -> codes (...); with
+        channel_axis=1, z (B, C, H, W) -> codes (B, H, W). Chunks split the first axis."""
+        plan = self._requests.nearest(
+            name,
+            z=z,
+            channel_axis=channel_axis,
+            return_quantized=return_quantized,
+            return_error=return_error,
+            codes_dtype=codes_dtype,
+            mode=mode,
+            nprobe=nprobe,
+            version=version,
+            target_recall=target_recall,
+        )
+        return self._run(plan)
+
+    def decode(
+        self, name: str, codes: Any, channel_axis: int | None = None, version: str | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Codes of any shape -> vectors codes.shape + (d,) (or d at `channel_axis`)."""
+        plan = self._requests.decode(name, codes=codes, channel_axis=channel_axis, version=version)
+        return self._run(plan)
+
+    def build_index(
+        self, name: str, spec: str | None = None, train_size: int | None = None
+    ) -> IndexInfo:
+        """Start building the bank's approximate index (202); returns the index state."""
+        return self._run(self._requests.build_index(name, spec=spec, train_size=train_size))
+
+    def tradeoff(
+        self,
+        name: str,
+        queries: Any = None,
+        specs: Sequence[str] = (),
+        n_queries: int | None = None,
+        batch_sizes: Sequence[int] | None = None,
+        min_seconds: float | None = None,
+    ) -> TradeoffJob:
+        """Start a recall/speed sweep of the bank (202); returns the job state."""
+        plan = self._requests.tradeoff(
+            name,
+            queries=queries,
+            specs=specs,
+            n_queries=n_queries,
+            batch_sizes=batch_sizes,
+            min_seconds=min_seconds,
+        )
+        return self._run(plan)
+
+    def get_tradeoff(self, name: str) -> TradeoffJob:
+        """The sweep's state and progress, and its `report`: the last measured curve."""
+        return self._run(self._requests.get_tradeoff(name))
+
+    def wait_index(self, name: str, timeout: float = 600.0, poll: float = 0.2) -> BankInfo:
         """Poll the bank until its index is ready (returns the bank info) or failed (raises)."""
         return self._poll(lambda: self.get_bank(name), index_done, timeout, poll)
 
-    def wait_tradeoff(self, name: str, timeout: float = 3600.0, poll: float = 0.2) -> Any:
-        """Poll until the bank's sweep is done; returns {"state", "progress", "report"}."""
+    def wait_tradeoff(self, name: str, timeout: float = 3600.0, poll: float = 0.2) -> TradeoffJob:
+        """Poll until the bank's sweep is done (returns the job, with its report) or failed
+        (raises)."""
         return self._poll(lambda: self.get_tradeoff(name), sweep_done, timeout, poll)
+
+
+__all__ = ["Client"]

@@ -18,12 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.routing import Route
 
+from vqsearch._wire_names import VERSION_HEADER
+
 from ._entry import Entry
 from ._registry import Registry
 from ._settings import Settings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-VERSION_HEADER = "X-Vqsearch-Bank-Version"
 _NAME = re.compile(NAME_PATTERN)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from vqsearch._wire_names import IndexPhase, SweepPhase
 from vqsearch.index import ApproxIndex, Bank
 
 from ._sampling import Reservoir, Usage
@@ -18,33 +18,7 @@ BUILDING_FILE = "index/building.json"  # present while a build runs: a crash lea
 TRADEOFF_FILE = "tradeoff.json"
 
 
-class _Named(str, Enum):
-    """A state that is its value everywhere: JSON, ==, str() and f-strings."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-
-class Phase(_Named):
-    """Where an index build is, as `index.state` reports it."""
-
-    QUEUED = "queued"
-    TRAINING = "training"
-    SAVING = "saving"
-    READY = "ready"  # the index serves the bank's current version
-    STALE = "stale"  # it served an earlier version; no build of this one is under way
-    FAILED = "failed"
-
-
-class SweepPhase(_Named):
-    NONE = "none"
-    QUEUED = "queued"
-    BUILDING = "building index"
-    MEASURING = "measuring"
-    DONE = "done"
-    FAILED = "failed"
-
-
+Phase = IndexPhase  # the index states, as the client reads them (`vqsearch._wire_names`)
 RUNNING = (Phase.TRAINING, Phase.SAVING)  # a build that has read the bank and not yet finished
 
 

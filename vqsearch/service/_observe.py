@@ -20,11 +20,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vqsearch._wire_names import REQUEST_ID_HEADER
+
 from ._registry import Registry
 from ._setting import Setting
 
 access_log = logging.getLogger("vqsearch.access")
-REQUEST_ID = "x-request-id"
+REQUEST_ID = REQUEST_ID_HEADER.lower()
 
 
 TRIM_EVERY_S = 1.0  # `trim_periodically`: malloc_trim took 4-16 ms on a 500 MB server

@@ -22,13 +22,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from vqsearch._wire_names import BINARY, JSON, MEDIA_TYPES, NPY, NPZ
+
 from ._admission import BODY
 from ._budget import JSON_HOLD, JSON_NUMBER_BYTES, JSON_OBJECT_BYTES, take
-
-NPY = "application/x-npy"
-NPZ = "application/x-npz"
-JSON = "application/json"
-BINARY = (NPY, NPZ, "application/octet-stream")
 
 
 def media_type(header: str | None) -> str:
@@ -186,7 +183,7 @@ async def decode(request: Request, limit: int, main: str) -> dict[str, Any]:
     ctype = media_type(request.headers.get("content-type"))
     if not ctype and _no_body(request):
         return {}
-    if ctype not in (JSON, NPY, NPZ, "application/octet-stream"):
+    if ctype not in MEDIA_TYPES:
         raise HTTPException(
             415, f"unsupported Content-Type {ctype or '(none)'!r}; use {JSON}, {NPY} or {NPZ}"
         )

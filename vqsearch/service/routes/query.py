@@ -9,6 +9,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from vqsearch._wire_names import SETTING_HEADER
+
 from .._budget import take
 from .._deps import VERSION_HEADER, EntryDep, EntryRoute, Reads
 from .._entry import Entry
@@ -50,7 +52,7 @@ def _observe(request: Request, entry: Entry, rows: int, setting: Setting) -> Non
 
 def _headers(entry: Entry, setting: Setting) -> dict[str, str]:
     """Which setting answered: `exact`, or the spec with its search parameters."""
-    return {VERSION_HEADER: entry.version, "X-Vqsearch-Setting": setting.label}
+    return {VERSION_HEADER: entry.version, SETTING_HEADER: setting.label}
 
 
 def _axis(axis: int | None, ndim: int) -> int:
