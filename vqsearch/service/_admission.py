@@ -119,9 +119,24 @@ class AdmissionMiddleware:
             return dict(await receive())  # then the real channel: http.disconnect
 
         self.inflight += 1  # one event loop: no lock needed
+        holding = True
+
+        def free_slot() -> None:
+            nonlocal holding
+            if holding:
+                holding = False
+                self.inflight -= 1
+
+        async def send_then_free(message: dict[str, Any]) -> None:
+            # The slot is free before the answer's last byte goes out: a client that sends its
+            # next request as soon as it has the answer must not find this one still counted.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                free_slot()
+            await send(message)
+
         try:
-            await self.app(scope, replay, send)
+            await self.app(scope, replay, send_then_free)
         finally:
-            self.inflight -= 1
+            free_slot()
             lease.release()
             scope.pop(BODY, None)
