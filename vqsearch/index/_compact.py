@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,20 +47,14 @@ class Compaction:
             p.unlink(missing_ok=True)
 
 
-def _write_part(path: Path, write: object) -> str:
+def _write_part(path: Path, write: Callable[[st.HashingWriter], None]) -> str:
     """A part file, fsynced; returns its sha256."""
-    h = hashlib.sha256()
     with open(path, "wb") as f:
-
-        class _Hashing:
-            def write(self, b: bytes) -> int:
-                h.update(b)
-                return f.write(b)
-
-        write(_Hashing())  # type: ignore[operator]
+        hw = st.HashingWriter(f)
+        write(hw)
         f.flush()
         os.fsync(f.fileno())
-    return h.hexdigest()
+    return hw.h.hexdigest()
 
 
 def prepare(snapshot: State, directory: Path | None, name: str) -> Compaction:
@@ -77,13 +72,14 @@ def prepare(snapshot: State, directory: Path | None, name: str) -> Compaction:
     parts = {k: directory / f"{PART_PREFIX}{tag}.{k}{PART}" for k in ("vectors", "ids")}
     try:
 
-        def vectors(f: object) -> None:
+        def vectors(f: st.HashingWriter) -> None:
             header = {"descr": "<f4", "fortran_order": False, "shape": (n, d)}
-            np.lib.format.write_array_header_1_0(f, header)  # type: ignore[arg-type]
+            np.lib.format.write_array_header_1_0(f, header)
             for a in range(0, n, block):
                 rows = snapshot.take(torch.from_numpy(live[a : a + block])).numpy()
-                content.update(rows.tobytes())
-                f.write(rows.tobytes())  # type: ignore[attr-defined]
+                raw = rows.data  # a fresh C-contiguous block: its buffer, no copy
+                content.update(raw)
+                f.write(raw)
 
         vec_sha = _write_part(parts["vectors"], vectors)
         content.update(ids.tobytes())

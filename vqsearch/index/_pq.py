@@ -76,6 +76,12 @@ def check_spec(
     lists, 2**nbits centroids per PQ sub-quantizer) needs at least as many training points as
     centroids. The sizes are read from the text before faiss allocates anything."""
     metric = check_metric(metric)
+    _check_sizes(spec, d, nb, train_size)
+    _factory(d, spec, metric)
+
+
+def _check_sizes(spec: str, d: int, nb: int | None, train_size: int) -> None:
+    """`check_spec`'s checks of the sizes written in the spec (no faiss call)."""
     n_train = None if nb is None else min(nb, train_size)
     for m in _IVF.finditer(spec):
         nlist = int(m.group(1))
@@ -98,7 +104,6 @@ def check_spec(
                 f"{spec!r}: {nbits}-bit PQ codes need at least {1 << nbits} training vectors; "
                 f"the bank has {nb}"
             )
-    _factory(d, spec, metric)
 
 
 def check_trainable(x: np.ndarray) -> None:
@@ -205,9 +210,9 @@ class ApproxIndex:
             raise InvalidInputError("cannot build an index on no vectors")
         ids_a = np.arange(nb, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
         spec = spec or default_spec(nb, d)
-        check_spec(spec, d, metric, nb, train_size)
+        _check_sizes(spec, d, nb, train_size)
         check_trainable(xn)
-        index = _factory(d, spec, metric)
+        index = _factory(d, spec, metric)  # faiss's own parse: FactoryStringError
         sample = xn
         if nb > train_size:
             rows = np.random.default_rng(seed).choice(nb, train_size, replace=False)

@@ -23,7 +23,9 @@ MANIFEST = "manifest.json"
 _CHUNK = 1 << 22
 
 
-class _HashingWriter:
+class HashingWriter:
+    """A file object that also hashes (sha256) what is written to it."""
+
     def __init__(self, f: Any) -> None:
         self.f, self.h = f, hashlib.sha256()
 
@@ -44,7 +46,7 @@ def _atomic(path: Path, write: Any) -> str:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
-            hw = _HashingWriter(f)
+            hw = HashingWriter(f)
             write(hw)
             f.flush()
             os.fsync(f.fileno())

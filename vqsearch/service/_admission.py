@@ -11,24 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from fastapi import HTTPException
+
 from ._budget import LEASE, Budget
+from ._errors_doc import error_body, status_kind
 
 BODY = "vqsearch.body"  # the body the middleware read, in the ASGI scope (`_wire.read_body`)
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        self.status, self.detail, self.headers = status, detail, headers or {}
-
-
 async def _answer(send: Any, status: int, detail: str, headers: dict[str, str]) -> None:
-    """The app's error shape (`_app._error`), written here: the app has not seen the request."""
-    kind = {408: "request_timeout", 413: "payload_too_large", 503: "service_unavailable"}
-    body = json.dumps(
-        {"detail": detail, "errors": [{"loc": [], "msg": detail, "type": kind.get(status)}]}
-    ).encode()
+    """The app's error answer, sent here: the app has not seen the request."""
+    body = json.dumps(error_body(detail, kind=status_kind(status))).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send(
         {
@@ -45,6 +41,35 @@ async def _answer(send: Any, status: int, detail: str, headers: dict[str, str]) 
     await send({"type": "http.response.body", "body": body})
 
 
+async def read_whole(
+    scope: Mapping[str, Any], receive: Any, limit: int, timeout: float
+) -> bytearray | None:
+    """The whole body, or None if the client went away. Refuses (413) a declared or sent size
+    over `limit` before reading past it, and (408) a body not sent within `timeout` seconds."""
+    declared = dict(scope.get("headers") or []).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(
+            413, f"body of {int(declared)} bytes exceeds the limit of {limit} bytes"
+        )
+    body, end = bytearray(), time.monotonic() + timeout
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), max(end - time.monotonic(), 0))
+        except asyncio.TimeoutError:  # not the builtin on Python 3.10
+            raise HTTPException(
+                408,
+                f"the request body was not received within {timeout:g} s "
+                f"(VQSEARCH_BODY_TIMEOUT); {len(body)} bytes arrived",
+            ) from None
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+        if not message.get("more_body", False):
+            return body
+
+
 class AdmissionMiddleware:
     def __init__(
         self,
@@ -57,56 +82,25 @@ class AdmissionMiddleware:
         self.app, self.max_inflight, self.inflight = app, max_inflight, 0
         self.max_body_bytes, self.body_timeout, self.budget = max_body_bytes, body_timeout, budget
 
-    async def _read(self, scope: dict[str, Any], receive: Any) -> bytearray | None:
-        """The whole body, or None if the client went away. Refuses (413) a declared or sent
-        size over the limit before reading past it, and (408) a body not sent in time."""
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        limit = self.max_body_bytes
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _Refused(413, f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-        body, end = bytearray(), time.monotonic() + self.body_timeout
-        while True:
-            left = end - time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), max(left, 0))
-            except asyncio.TimeoutError:  # not the builtin on Python 3.10
-                raise _Refused(
-                    408,
-                    f"the request body was not received within {self.body_timeout:g} s "
-                    f"(VQSEARCH_BODY_TIMEOUT); {len(body)} bytes arrived",
-                ) from None
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            if len(body) > limit:
-                raise _Refused(413, f"body exceeds the limit of {limit} bytes")
-            if not message.get("more_body", False):
-                return body
-
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         lease = self.budget.lease()
         try:
-            body = await self._read(scope, receive)
+            body = await read_whole(scope, receive, self.max_body_bytes, self.body_timeout)
             if body is None:
                 return  # nobody is left to answer
             if self.inflight >= self.max_inflight:
-                raise _Refused(
+                raise HTTPException(
                     503,
                     f"overloaded: {self.inflight} requests under way "
                     f"(VQSEARCH_MAX_INFLIGHT={self.max_inflight}); retry later",
                     {"Retry-After": "1"},
                 )
-            try:
-                lease.take(len(body), "the request body")
-            except Exception as exc:  # HTTPException: answered here, not by the app
-                status, detail = getattr(exc, "status_code", 503), getattr(exc, "detail", "")
-                raise _Refused(status, str(detail), {"Retry-After": "1"}) from None
-        except _Refused as r:
-            await _answer(send, r.status, r.detail, r.headers)
+            lease.take(len(body), "the request body")
+        except HTTPException as exc:  # answered here: the app has not seen the request
+            await _answer(send, exc.status_code, str(exc.detail), dict(exc.headers or {}))
             return
         scope[BODY], scope[LEASE] = body, lease
         replayed = False

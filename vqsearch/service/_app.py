@@ -9,7 +9,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from http import HTTPStatus
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from ._entry import (
     ReadOnlyError,
     UnknownBankError,
 )
+from ._errors_doc import error_body, status_kind
 from ._observe import Metrics, ObserveMiddleware, trim_periodically
 from ._registry import Registry
 from ._searching import Batcher
@@ -51,10 +51,8 @@ def _error(
     kind: str = "error",
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    """Every error answer has this one shape (`_errors_doc.ErrorBody`): `detail`, one message
-    naming the problem, and `errors`, one entry per problem, located where a field is at fault."""
-    errors = errors or [{"loc": [], "msg": detail, "type": kind}]
-    return JSONResponse({"detail": detail, "errors": errors}, status_code=status, headers=headers)
+    """Every error answer, in its one shape (`_errors_doc.ErrorBody`)."""
+    return JSONResponse(error_body(detail, errors, kind), status_code=status, headers=headers)
 
 
 def _snake(exc: Exception) -> str:
@@ -101,11 +99,7 @@ def _add_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        try:
-            phrase = HTTPStatus(exc.status_code).phrase
-        except ValueError:  # 499, client closed the request: no standard name
-            phrase = "client closed request"
-        kind = phrase.lower().replace(" ", "_").replace("-", "_")
+        kind = status_kind(exc.status_code)
         return _error(exc.status_code, str(exc.detail), kind=kind, headers=exc.headers)
 
     @app.exception_handler(StorageError)

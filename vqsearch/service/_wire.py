@@ -20,11 +20,10 @@ import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.requests import ClientDisconnect
 
 from vqsearch._wire_names import BINARY, JSON, MEDIA_TYPES, NPY, NPZ
 
-from ._admission import BODY
+from ._admission import BODY, read_whole
 from ._budget import JSON_HOLD, JSON_NUMBER_BYTES, JSON_OBJECT_BYTES, take
 
 
@@ -33,30 +32,17 @@ def media_type(header: str | None) -> str:
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
-    """The whole body, refusing (413) anything over `limit` before reading past it. Behind the
-    admission middleware (every API route) it was read there already."""
-    read = request.scope.get(BODY)
-    if read is not None:
+    """The whole body: as the admission middleware read it before it admitted the request (the
+    API under /v1/), else read here by the same reader (routes included elsewhere)."""
+    body = request.scope.get(BODY)
+    if body is not None:
         await request.receive()  # the replayed end of body: later reads see the real channel
-        return read
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise HTTPException(400, "Content-Length is not a number")
-        if int(declared) > limit:
-            raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        # nobody is left to answer; a 4xx keeps it out of the error log and the 5xx count
-        raise HTTPException(400, "client disconnected before sending the whole body") from None
-    # a bytearray: arrays over it are writable, so the .npy path needs no copy of its own
-    return bytearray().join(chunks)
+        return body
+    timeout = request.app.state.settings.body_timeout
+    body = await read_whole(request.scope, request.receive, limit, timeout)
+    if body is None:  # nobody is left to answer; a 4xx keeps it out of the 5xx count
+        raise HTTPException(400, "client disconnected before sending the whole body")
+    return body
 
 
 # The header numpy writes: a v1.0 dict of one plain dtype, C order, an int shape. numpy parses
@@ -143,22 +129,36 @@ def _field(a: np.ndarray) -> Any:
     return a.item() if a.ndim == 0 else a
 
 
-def _load_npz(body: bytes | bytearray, limit: int) -> dict[str, Any]:
+def _npz(body: bytes | bytearray, limit: int) -> tuple[zipfile.ZipFile, int]:
+    """The archive and what its members inflate to (as their headers declare; zipfile reads no
+    more than that of each), refused when it has too many members or inflates past `limit`."""
     try:
-        with zipfile.ZipFile(io.BytesIO(body)) as zf:
-            infos = zf.infolist()
-            if len(infos) > MAX_NPZ_MEMBERS:
-                raise HTTPException(
-                    400, f"the .npz has {len(infos)} members; at most {MAX_NPZ_MEMBERS}"
-                )
-            if sum(i.file_size for i in infos) > limit:
-                raise HTTPException(413, f"npz members inflate beyond the limit of {limit} bytes")
-            # read by zipfile (at most each member's declared size, CRC-checked), then parsed
-            # like a .npy body: writable arrays over their own bytes
-            return {
-                i.filename.removesuffix(".npy"): _field(_load_npy(bytearray(zf.read(i))))
-                for i in infos
-            }
+        zf = zipfile.ZipFile(io.BytesIO(body))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+        raise HTTPException(400, f"body is not a readable .npz archive: {exc}") from exc
+    try:
+        infos = zf.infolist()
+        if len(infos) > MAX_NPZ_MEMBERS:
+            raise HTTPException(
+                400, f"the .npz has {len(infos)} members; at most {MAX_NPZ_MEMBERS}"
+            )
+        inflated = sum(i.file_size for i in infos)
+        if inflated > limit:
+            raise HTTPException(413, f"npz members inflate beyond the limit of {limit} bytes")
+    except HTTPException:
+        zf.close()
+        raise
+    return zf, inflated
+
+
+def _load_npz(zf: zipfile.ZipFile) -> dict[str, Any]:
+    """Each member read by zipfile (CRC-checked), then parsed like a .npy body: writable
+    arrays over their own bytes."""
+    try:
+        return {
+            i.filename.removesuffix(".npy"): _field(_load_npy(bytearray(zf.read(i))))
+            for i in zf.infolist()
+        }
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
         raise HTTPException(400, f"body is not a readable .npz archive: {exc}") from exc
 
@@ -195,11 +195,11 @@ async def decode(request: Request, limit: int, main: str) -> dict[str, Any]:
             raise HTTPException(422, f"JSON body must be an object with a {main!r} field")
         return doc
     if ctype == NPZ:
-        inflated = _npz_size(body)
-        if inflated > limit:
-            raise HTTPException(413, f"npz members inflate beyond the limit of {limit} bytes")
-        take(request, inflated, "the .npz members")
-        return await _off_loop(inflated, _load_npz, body, limit)
+        zf, inflated = _npz(body, limit)
+        with zf:
+            take(request, inflated, "the .npz members")
+            fields: dict[str, Any] = await _off_loop(inflated, _load_npz, zf)
+        return fields
     return {main: _load_npy(body)}
 
 
@@ -212,15 +212,6 @@ async def _off_loop(size: int, fn: Any, *args: Any) -> Any:
     if size < OFF_LOOP_BYTES:
         return fn(*args)
     return await run_in_threadpool(fn, *args)
-
-
-def _npz_size(body: bytes | bytearray) -> int:
-    """What the members inflate to, as their headers declare (checked while inflating)."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(body)) as zf:
-            return sum(i.file_size for i in zf.infolist()[: MAX_NPZ_MEMBERS + 1])
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise HTTPException(400, f"body is not a readable .npz archive: {exc}") from exc
 
 
 def wants_binary(request: Request) -> bool:
