@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vqsearch.index import _fused, _precision, knn
+from vqsearch.index._metric import L2
 from vqsearch.index._rows import MatrixRows, bank_center
 from vqsearch.index._workspace import Workspace
 
@@ -122,13 +123,13 @@ def breakdown(xq: torch.Tensor, xb: torch.Tensor, repeats: int) -> list[str]:
     GEMM of one block (the floor of a GEMM-based design), and of moving the queries from host
     memory: where the time of a search goes."""
     src = MatrixRows(xb)
-    center = bank_center(src, "l2")
+    center = bank_center(src, L2)
     prec = _precision.FP16
-    bank = _fused.bank_operand(src, 16384, "l2", center, prec, DEV, Workspace())
+    bank = _fused.bank_operand(src, 16384, L2, center, prec, DEV, Workspace())
     nq = len(xq)
     best, second = torch.empty(nq, device=DEV), torch.empty(nq, device=DEV)
     arg = torch.empty(nq, dtype=torch.int64, device=DEV)
-    xh, xn2, ix = _fused.query_operand(xq, center, bank, "l2")
+    xh, xn2, ix = _fused.query_operand(xq, center, bank, L2)
     bq = min(16384, NQ)
     xa = torch.zeros(bq, 264, device=DEV, dtype=torch.bfloat16)
     xa[:, :D] = -2 * xq[:bq]
@@ -138,17 +139,15 @@ def breakdown(xq: torch.Tensor, xb: torch.Tensor, repeats: int) -> list[str]:
     host = xq.cpu()
     parts = {
         "bank operand (fp16, scaled)": lambda: _fused.bank_operand(
-            src, 16384, "l2", center, prec, DEV, Workspace()
+            src, 16384, L2, center, prec, DEV, Workspace()
         ),
         "query operand kernel (centre, scale, fp16)": lambda: _fused.query_operand(
-            xq, center, bank, "l2"
+            xq, center, bank, L2
         ),
         "nearest kernel alone": lambda: _fused.scan(xh, ix, bank, best, second, arg),
-        "error bound (float64, per query)": lambda: _fused.error_bound(xn2, ix, bank, "l2"),
+        "error bound (float64, per query)": lambda: _fused.error_bound(xn2, ix, bank, L2),
         "proof read to the host (one sync)": lambda: (second.double() > best.double()).cpu(),
-        "exact kernel (float64 distance of the chosen row)": lambda: _fused.exact(
-            xq, xb, arg, "l2"
-        ),
+        "exact kernel (float64 distance of the chosen row)": lambda: _fused.exact(xq, xb, arg, L2),
         "D and I to the host (pageable)": lambda: (best.double().cpu(), arg.cpu()),
         f"torch scan's GEMM, one block ({bq} x {NB} x 264, bf16 out)": lambda: torch.mm(
             xa, ya.T, out=tile

@@ -17,6 +17,7 @@ from tests.conftest import brute_force
 from tests.test_precision import hard_datasets
 from vqsearch.index import Bank, _exact, _fused, _precision, knn
 from vqsearch.index._exact import _fused_bound
+from vqsearch.index._metric import IP, L2, metric_of
 from vqsearch.index._rows import MatrixRows, bank_center, prepare
 from vqsearch.index._workspace import Workspace
 
@@ -91,17 +92,18 @@ def test_fused_ties_and_dead_rows(rng, tmp_path):
 
 def kernel_scores(xq, xb, metric, prec, scale=1.0):
     """(best, second, arg, E) of the fused kernel, and the float64 scores of every row."""
+    metric = metric_of(metric)
     src = MatrixRows(torch.from_numpy(xb).to(DEVICE))
     center = bank_center(src, metric)
     bank = _fused.bank_operand(src, 1024, metric, center, prec, DEVICE, Workspace())
     x = torch.from_numpy(xq).to(DEVICE)
     best, second = torch.empty(len(xq), device=DEVICE), torch.empty(len(xq), device=DEVICE)
     arg = torch.empty(len(xq), dtype=torch.int64, device=DEVICE)
-    xk = prepare(x, metric, None) if metric == "cosine" else x
+    xk = prepare(x, metric, None) if metric.unit else x
     e = _fused.nearest(xk, center, bank, metric, best, second, arg)
     yp = prepare(torch.from_numpy(xb).to(DEVICE), metric, center).double()
     xd = prepare(x, metric, center).double()
-    true = (yp * yp).sum(1) - 2 * xd @ yp.T if metric == "l2" else -(xd @ yp.T)
+    true = (yp * yp).sum(1) - 2 * xd @ yp.T if metric is L2 else -(xd @ yp.T)
     return best.double(), second.double(), arg, e * scale, true
 
 
@@ -129,9 +131,9 @@ def test_fp16_bound_is_not_vacuous(rng):
     xq, xb = wide[:100].astype(np.float32), wide[100:].astype(np.float32)
     best, _, _, e, true = kernel_scores(xq, xb, "ip", _precision.FP16)
     src = MatrixRows(torch.from_numpy(xb).to(DEVICE))
-    bank = _fused.bank_operand(src, 1024, "ip", None, _precision.FP16, DEVICE, Workspace())
+    bank = _fused.bank_operand(src, 1024, IP, None, _precision.FP16, DEVICE, Workspace())
     xn = torch.linalg.vector_norm(torch.from_numpy(xq).to(DEVICE), dim=1).double()
-    relative = _precision.norm_bound(xn * (1 + 1e-5), bank.radius2, 32, "ip", _precision.FP16)
+    relative = _precision.norm_bound(xn * (1 + 1e-5), bank.radius2, 32, IP, _precision.FP16)
     err = (best - true.min(1).values).abs()
     assert bool((err <= e).all())
     assert bool((err > relative).any())
@@ -156,6 +158,6 @@ def test_exact_kernel_is_the_float64_formula(rng, metric):
     xq = (rng.standard_normal((333, 40)) * 3).astype(np.float32)
     rows = torch.from_numpy(rng.integers(0, 500, 333)).to(DEVICE)
     x, y = torch.from_numpy(xq).to(DEVICE), torch.from_numpy(xb).to(DEVICE)
-    got = _fused.exact(x, y, rows, metric)
-    want = _exact.exact64(x, y[rows].unsqueeze(1), metric)[:, 0]
+    got = _fused.exact(x, y, rows, metric_of(metric))
+    want = _exact.exact64(x, y[rows].unsqueeze(1), metric_of(metric))[:, 0]
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)

@@ -11,6 +11,7 @@ import torch
 from tests.conftest import brute_force
 from tests.test_precision import hard_datasets
 from vqsearch.index import Bank, _exact, _int8, _precision, knn
+from vqsearch.index._metric import L2, metric_of
 from vqsearch.index._rows import MatrixRows, bank_center, prepare
 from vqsearch.index._workspace import Workspace
 
@@ -61,6 +62,7 @@ def test_int8_proves_most_queries_with_a_clear_nearest_code(rng, int8_always):
 def test_int8_scores_stay_within_the_error_bound(rng, metric, int8_always):
     """Every int8 score is within E_q of its float64 value, and the bound is not vacuous."""
     fp32 = _precision.choose(CPU, "fp32")
+    metric = metric_of(metric)
     for kind, (xq, xb) in {**hard_datasets(rng), "coded": coded(rng)}.items():
         src = MatrixRows(torch.from_numpy(xb))
         center = bank_center(src, metric)
@@ -73,7 +75,7 @@ def test_int8_scores_stay_within_the_error_bound(rng, metric, int8_always):
         scores = torch.cat([t.double().clone() for _, t in _int8.tiles(q, sx, bank, len(xs))], 1)
         yp = prepare(torch.from_numpy(xb), metric, center).double()
         xd = xs.double()
-        true = (yp * yp).sum(1) - 2 * xd @ yp.T if metric == "l2" else -(xd @ yp.T)
+        true = (yp * yp).sum(1) - 2 * xd @ yp.T if metric is L2 else -(xd @ yp.T)
         base = _precision.error_bound(xs, bank.radius2, metric, fp32)
         bound = _int8.error_bound(sx, l1, norm, bank, base).unsqueeze(1)
         err = (scores - true).abs()

@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import brute_force, datasets
 from vqsearch.index import Bank, _exact, _precision, _scan, _workspace, knn
+from vqsearch.index._metric import L2, metric_of
 from vqsearch.index._rows import MatrixRows, bank_center, prepare
 from vqsearch.index._workspace import Workspace
 
@@ -47,6 +48,7 @@ def test_each_precision_equals_float64_brute_force(rng, precision, metric, k, sc
 def test_scan_scores_stay_within_the_error_bound(rng, precision, metric, scan_style):
     """Every scan score is within E_q of its float64 value: the bound the proofs rest on."""
     prec = _precision.choose(CPU, precision)
+    metric = metric_of(metric)
     for kind, (xq, xb) in hard_datasets(rng).items():
         src = MatrixRows(torch.from_numpy(xb))
         center = bank_center(src, metric)
@@ -61,7 +63,7 @@ def test_scan_scores_stay_within_the_error_bound(rng, precision, metric, scan_st
         scores = torch.cat(tiles, 1)
         yp = prepare(torch.from_numpy(xb), metric, center).double()
         xd = xs.double()
-        true = (yp * yp).sum(1) - 2 * xd @ yp.T if metric == "l2" else -(xd @ yp.T)
+        true = (yp * yp).sum(1) - 2 * xd @ yp.T if metric is L2 else -(xd @ yp.T)
         bound = _precision.error_bound(xs, radius2, metric, prec).unsqueeze(1)
         err = (scores - true).abs()
         assert bool((err <= bound).all()), f"{kind}: error {float((err / bound).max()):.2f} x bound"

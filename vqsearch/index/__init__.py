@@ -34,7 +34,7 @@ from ._knn import knn
 from ._pq import ApproxIndex, check_spec, default_spec
 from ._storage import write_bytes as atomic_write
 from ._tradeoff import pareto_front, perturbed_queries, pick, sweep
-from ._validate import METRICS, Metric, Queries, as_tensor, check_k
+from ._validate import METRICS, Metric, MetricName, Queries, as_tensor, check_k
 
 __all__ = [
     "METRICS",
@@ -50,6 +50,7 @@ __all__ = [
     "InvalidInputError",
     "KOutOfRangeError",
     "Metric",
+    "MetricName",
     "NonFiniteError",
     "Queries",
     "RankError",

@@ -29,6 +29,7 @@ from ._exact import exact_search
 from ._state import Segment, State, content_sha
 from ._validate import (
     Metric,
+    MetricName,
     Queries,
     as_matrix,
     as_tensor,
@@ -69,13 +70,14 @@ class Bank:
     def __init__(
         self,
         d: int,
-        metric: Metric = "l2",
+        metric: MetricName | Metric = "l2",
         path: str | Path | None = None,
         auto_compact: bool = True,
     ) -> None:
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise RankError(f"d must be a positive integer; got {d!r}")
-        self.d, self.metric = d, check_metric(metric)
+        self._metric = check_metric(metric)
+        self.d, self.metric = d, self._metric.name
         self.path = Path(path) if path is not None else None
         self.auto_compact = auto_compact
         self._state = State(d, (), np.zeros(0, bool), 0)
@@ -87,7 +89,7 @@ class Bank:
 
     @classmethod
     def create(
-        cls, path: str | Path, d: int, metric: Metric = "l2", auto_compact: bool = True
+        cls, path: str | Path, d: int, metric: MetricName | Metric = "l2", auto_compact: bool = True
     ) -> Bank:
         bank = cls(d, metric, path, auto_compact)
         p = Path(path)
@@ -261,7 +263,7 @@ class Bank:
         if isinstance(xq, Queries):
             return xq.trusted_by(self.d, self.metric)
         x = as_matrix(xq, "xq", self.d)
-        if self.metric == "cosine":
+        if self._metric.unit:
             normalize(x, "xq")  # raises on a zero query
         return x
 
@@ -277,9 +279,9 @@ class Bank:
         x = self._queries(xq)
         k = check_k(k, state.ntotal)
         dev = resolve_device(device)
-        center = state.center(self.metric)
-        D, I = exact_search(x, state, center, self.metric, k, dev, precision=precision)
-        return to_reported(D, self.metric), I.numpy()
+        center = state.center(self._metric)
+        D, I = exact_search(x, state, center, self._metric, k, dev, precision=precision)
+        return to_reported(D, self._metric), I.numpy()
 
     def nearest(
         self, xq: Any, device: str = "auto", precision: str = "auto"
@@ -294,7 +296,7 @@ class Bank:
         """Append vectors (n, d); ids default to max id + 1 onwards. Returns the ids added.
         No vectors: nothing is written and the generation stays."""
         x = as_matrix(xb, "xb", self.d)
-        if self.metric == "cosine":
+        if self._metric.unit:
             x = normalize(x, "xb")
         vec = x.cpu().numpy()
         with self._lock:
@@ -393,14 +395,9 @@ def _chain(version: str, *parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def reported(D: torch.Tensor, metric: str) -> torch.Tensor:
-    """Internal 'smaller is nearer' float64 -> reported float32 (similarity for ip and cosine)."""
-    return (D if metric == "l2" else -D).to(torch.float32)
-
-
-def to_reported(D: torch.Tensor, metric: str) -> np.ndarray:
-    """`reported`, as a NumPy array."""
-    return to_host(reported(D, metric))[0]
+def to_reported(D: torch.Tensor, metric: Metric) -> np.ndarray:
+    """`Metric.reported`, as a NumPy array."""
+    return to_host(metric.reported(D))[0]
 
 
 def to_host(*ts: torch.Tensor) -> list[np.ndarray]:

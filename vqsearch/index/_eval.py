@@ -11,10 +11,12 @@ import numpy as np
 from faiss.contrib.evaluation import knn_intersection_measure
 
 from ._knn import knn
-from ._validate import Metric
+from ._validate import Metric, MetricName
 
 
-def ground_truth(xq: Any, xb: Any, k: int, metric: Metric = "l2") -> tuple[np.ndarray, np.ndarray]:
+def ground_truth(
+    xq: Any, xb: Any, k: int, metric: MetricName | Metric = "l2"
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact (D, I), each (nq, k): what every recall figure is measured against."""
     return knn(xq, xb, k, metric)
 

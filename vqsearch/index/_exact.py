@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from . import _fused, _int8
+from ._metric import Metric
 from ._precision import (
     BF16,
     BF16_FUSED,
@@ -63,7 +64,6 @@ from ._precision import (
 )
 from ._rows import MatrixRows, RowSource, prepare
 from ._scan import SLABS, TOPK_SLABS, gpu_style, heap_tiles, scan_topk, tiles, update_best2
-from ._validate import Metric
 from ._workspace import Workspace, borrow
 
 TILE_ELEMS = 1 << 21  # k = 1: 2048 queries x 1024 rows, measured fastest here
@@ -128,14 +128,8 @@ def _upload(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def exact64(x: torch.Tensor, y: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """float64 distance (smaller is nearer) of x (q, d) to y (q, m, d) by the direct formula."""
-    x, y = x.double().unsqueeze(1), y.double()
-    if metric == "l2":
-        return ((y - x) ** 2).sum(-1)
-    if metric == "cosine":
-        x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-    return -(y * x).sum(-1)
+    """`Metric.exact64`: float64 distance (smaller is nearer) of x (q, d) to y (q, m, d)."""
+    return metric.exact64(x, y)
 
 
 def lex_topk(
@@ -336,11 +330,11 @@ def _int8_bank(
     if not exact({min(_int8.BANK_ROWS, src.n)}):
         return None
     cache = getattr(src, "packed", None)
-    packed = None if cache is None else cache.get(metric)
+    packed = None if cache is None else cache.get(metric.name)
     if packed is None:
         packed = _int8.pack(src, metric, center, ws)
         if cache is not None:
-            cache[metric] = packed
+            cache[metric.name] = packed
     # every block width the scan will see (fewer rows at the end and where segments end)
     return packed if exact({len(b[2]) for b in packed.blocks}) else None
 
@@ -406,7 +400,7 @@ def _search_nearest(
         b, s, a = best[i0 : i0 + bs_q], second[i0 : i0 + bs_q], arg[i0 : i0 + bs_q]
         p = prec
         if fused is not None:  # the kernel centres the queries itself
-            xk = prepare(x, metric, None) if metric == "cosine" else x
+            xk = prepare(x, metric, None) if metric.unit else x
             e2[i0 : i0 + bs_q] = 2 * _fused.nearest(xk, center, fused, metric, b, s, a)
             used.append((i0, p))
             continue

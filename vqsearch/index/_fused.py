@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
+from ._metric import Metric
 from ._precision import U32, Precision, norm_bound
 from ._rows import RowSource, prepared_blocks
-from ._validate import Metric
 from ._workspace import Workspace
 
 # A block of queries stays resident, (BLOCK_M, D) 16-bit per program: at D = 256 that and the
@@ -125,7 +125,7 @@ def bank_operand(
     for r0, yp, yn, dead in prepared_blocks(src, bs, metric, center, device, ws=ws):
         r1 = r0 + yp.shape[0]
         torch.mul(yp, scale, out=y[r0:r1, :d])
-        if metric == "l2":
+        if metric.norm_bias:
             bias[r0:r1] = yn
         if dead is not None:
             bias[r0:r1].masked_fill_(dead, float("inf"))
@@ -150,7 +150,7 @@ def query_operand(
         ix,
         nq,
         d,
-        NEG=-2.0 if metric == "l2" else -1.0,
+        NEG=metric.query_scale,
         HAS_CENTER=center is not None,
         D=bank.y.shape[1],
         BLOCK_Q=OPERAND_QUERIES,
@@ -207,7 +207,7 @@ def error_bound(
     radius = bank.radius2.double().sqrt() * (1 + 1e-5)
     # bf16 keeps float32's exponent range: its rows' underflow is `_precision`'s flushed term
     ix64, iy = ix.double(), bank.iy if bank.prec.dtype == torch.float16 else 0.0
-    neg = 2.0 if metric == "l2" else 1.0
+    neg = -metric.query_scale
     tiny = 2.0**-24 * math.sqrt(d) * (radius * ix64 + neg * xn * iy) + d * 2.0**-49 * ix64 * iy
     return torch.where(torch.isfinite(tiny), e + tiny, math.inf)
 
@@ -220,6 +220,6 @@ def exact(xq: torch.Tensor, xb: torch.Tensor, rows: torch.Tensor, metric: Metric
     out = torch.empty(nq, dtype=torch.float64, device=xq.device)
     _kernel().exact_kernel[(-(-nq // EXACT_QUERIES),)](
         xq.contiguous(), xb.contiguous(), rows, out, nq, d,
-        METRIC=("l2", "ip", "cosine").index(metric), D=_width(d), BLOCK_Q=EXACT_QUERIES,
+        METRIC=metric.kernel_id, D=_width(d), BLOCK_Q=EXACT_QUERIES,
     )  # fmt: skip
     return out

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ._metric import Metric
 from ._precision import TINY, U32
 from ._rows import RowSource, prepared_blocks
-from ._validate import Metric
 from ._workspace import Workspace
 
 ZERO_POINT = 64
@@ -151,7 +151,7 @@ def pack(src: RowSource, metric: Metric, center: torch.Tensor | None, ws: Worksp
         l1 = max(l1, float(yp.abs().sum(1).max()) * (1 + yp.shape[1] * U32))
         dy = max(dy, top * ROUNDING)
         torch.maximum(radius2, yn.max(), out=radius2)
-        bias = yn.clone() if metric == "l2" else None
+        bias = yn.clone() if metric.norm_bias else None
         blocks.append((r0, _pack(w), s, bias, None if dead is None else dead.clone()))
     return PackedBank(blocks, l1, dy, radius2, src.d)
 
@@ -163,7 +163,7 @@ def quantize_queries(
     padded with zero rows to a multiple of QUERY_ROWS; None when X does not scale (overflow)."""
     bq, d = xs.shape
     big = xs.abs().amax()
-    sx = float(big) * (2.0 if metric == "l2" else 1.0) / X_LEVELS
+    sx = float(big) * -metric.query_scale / X_LEVELS
     if not math.isfinite(sx) or sx > 3e38:
         return None
     sx = float(torch.tensor(sx if sx > 0 else 1.0, dtype=torch.float32))  # what oneDNN uses
@@ -171,7 +171,7 @@ def quantize_queries(
         return None
     bqp = -(-bq // QUERY_ROWS) * QUERY_ROWS
     qf = ws.get("int8 xq", (bq, d))
-    torch.mul(xs, (-2.0 if metric == "l2" else -1.0) / sx, out=qf)
+    torch.mul(xs, metric.query_scale / sx, out=qf)
     qf.round_().clamp_(-X_LEVELS, X_LEVELS)
     q = ws.get("int8 q", (bqp, d), torch.uint8)
     q[:bq].copy_(qf.add_(ZERO_POINT))

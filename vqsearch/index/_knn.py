@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._bank import reported, to_host
+from ._bank import to_host
 from ._errors import EmptyBankError, ZeroVectorError
 from ._exact import exact_search
 from ._rows import MatrixRows, bank_center
-from ._validate import Metric, as_matrix, check_k, check_metric, resolve_device
+from ._validate import Metric, MetricName, as_matrix, check_k, check_metric, resolve_device
 
 
 def _check_nonzero(x: torch.Tensor, name: str) -> None:
@@ -27,7 +27,7 @@ def knn(
     xq: Any,
     xb: Any,
     k: int,
-    metric: Metric = "l2",
+    metric: MetricName | Metric = "l2",
     device: str = "auto",
     tile_elems: int | None = None,
     precision: str = "auto",
@@ -45,19 +45,19 @@ def knn(
     Counter to which each scan adds how many queries it scanned and proved ("bf16 k=1
     scanned", ...); the unproved went on to the next.
     """
-    metric = check_metric(metric)
+    m = check_metric(metric)
     xb_t = as_matrix(xb, "xb")
     nb, d = xb_t.shape
     if nb == 0:
         raise EmptyBankError("xb holds no vector")
     xq_t = as_matrix(xq, "xq", d)
     k = check_k(k, nb)
-    if metric == "cosine":
+    if m.unit:
         _check_nonzero(xq_t, "xq")
         _check_nonzero(xb_t, "xb")
     dev = resolve_device(device)
     src = MatrixRows(xb_t.to(dev))
-    center = bank_center(src, metric)
-    D, I = exact_search(xq_t, src, center, metric, k, dev, tile_elems, precision, stats)
-    D_h, I_h = to_host(reported(D, metric), I)
+    center = bank_center(src, m)
+    D, I = exact_search(xq_t, src, center, m, k, dev, tile_elems, precision, stats)
+    D_h, I_h = to_host(m.reported(D), I)
     return D_h, I_h

@@ -17,13 +17,8 @@ import numpy as np
 
 from . import _storage as st
 from ._errors import CorruptBankError, FactoryStringError, InvalidInputError
-from ._validate import Metric, Queries, as_matrix, check_k, check_metric, normalize
+from ._validate import Metric, MetricName, Queries, as_matrix, check_k, check_metric, normalize
 
-_FAISS_METRIC = {
-    "l2": faiss.METRIC_L2,
-    "ip": faiss.METRIC_INNER_PRODUCT,
-    "cosine": faiss.METRIC_INNER_PRODUCT,
-}
 TRAIN_SIZE = 100_000
 DEFAULT_K_FACTOR = 4.0
 # faiss trains and searches in float32: a squared distance between rows of norm up to this
@@ -60,7 +55,7 @@ def default_spec(nb: int, d: int) -> str:
 
 def _factory(d: int, spec: str, metric: Metric) -> Any:
     try:
-        return faiss.index_factory(d, spec, _FAISS_METRIC[metric])
+        return faiss.index_factory(d, spec, metric.faiss_metric)
     except RuntimeError as exc:
         msg = str(exc).splitlines()[-1] if str(exc) else repr(exc)
         # faiss's reason, without its C++ signature and source location
@@ -69,7 +64,11 @@ def _factory(d: int, spec: str, metric: Metric) -> Any:
 
 
 def check_spec(
-    spec: str, d: int, metric: Metric = "l2", nb: int | None = None, train_size: int = TRAIN_SIZE
+    spec: str,
+    d: int,
+    metric: MetricName | Metric = "l2",
+    nb: int | None = None,
+    train_size: int = TRAIN_SIZE,
 ) -> None:
     """Raise FactoryStringError unless faiss can make an index from `spec` for d, and (given
     the bank size nb) train it on min(nb, train_size) vectors: every k-means in it (the IVF
@@ -165,8 +164,11 @@ class ApproxIndex:
     I (nq, k) int64 ids, -1 where the probed lists held fewer than k vectors.
     """
 
-    def __init__(self, index: Any, spec: str, metric: Metric, nprobe: int, k_factor: float) -> None:
-        self.index, self.spec, self.metric = index, spec, metric
+    def __init__(
+        self, index: Any, spec: str, metric: MetricName | Metric, nprobe: int, k_factor: float
+    ) -> None:
+        self._metric = check_metric(metric)
+        self.index, self.spec, self.metric = index, spec, self._metric.name
         self.nprobe, self.k_factor = nprobe, float(k_factor)
         self.meta: dict[str, Any] = {}  # caller's notes, saved with the index
 
@@ -193,7 +195,7 @@ class ApproxIndex:
         cls,
         xb: Any,
         ids: Any = None,
-        metric: Metric = "l2",
+        metric: MetricName | Metric = "l2",
         spec: str | None = None,
         train_size: int = TRAIN_SIZE,
         seed: int = 0,
@@ -202,7 +204,7 @@ class ApproxIndex:
         with its ids (default 0..nb-1). Under cosine, xb is normalised first."""
         metric = check_metric(metric)
         x = as_matrix(xb, "xb")
-        if metric == "cosine":
+        if metric.unit:
             x = normalize(x, "xb")
         xn = x.cpu().numpy()
         nb, d = xn.shape
@@ -237,7 +239,7 @@ class ApproxIndex:
             x = xq.trusted_by(self.d, self.metric)
         else:
             x = as_matrix(xq, "xq", self.d)
-            if self.metric == "cosine":
+            if self._metric.unit:
                 x = normalize(x, "xq")
         k = check_k(k, self.ntotal)
         nprobe = self.nprobe if nprobe is None else nprobe

@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from ._validate import Metric
+from ._metric import Metric
 
 U32 = 2.0**-24
 BF16_U = 2.0**-8  # round to nearest even, 8 significand bits (what Tensor.bfloat16() does)
@@ -146,12 +146,7 @@ def norm_bound(
     c = 2.0 * ((d + 8) * U32 + 2 * prec.u_in + 2 * prec.u_out)
     radius = radius2.double().sqrt() * (1 + 1e-5)  # the float32 norm's own rounding
     flushed = 4 * d * TINY * (1 + xn + radius)
-    if metric == "l2":
-        e = c * (xn + radius) ** 2 + flushed
-    elif metric == "ip":
-        e = c * xn * radius + flushed
-    else:  # unit vectors; normalising each side adds about (d + 3) u more
-        e = 2.0 * c + flushed
+    e = metric.bound(c, xn, radius, flushed)
     # A non-finite bound (float32 overflow) sends the query to the float64 scan.
     return torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from ._validate import Metric, normalize
+from ._metric import Metric
 from ._workspace import Workspace
 
 
@@ -64,7 +64,7 @@ class MatrixRows:
         CPU, None: blocks prepared in scratch, in cache, cost no more and no memory."""
         if device.type == "cpu" or self.n * self.d * (4 + dtype.itemsize) > PREPARED_CACHE_BYTES:
             return None
-        key = (metric, str(device), str(dtype))
+        key = (metric.name, str(device), str(dtype))
         if key not in self._prepared:
             self._prepared[key] = (*prepare_whole([self.xb], metric, center, device, dtype), None)
         return self._prepared[key]
@@ -82,7 +82,7 @@ def bank_center(src: RowSource, metric: Metric, sample: int = 2048) -> torch.Ten
     Any centre keeps the search exact; one near the mean makes the error bound smallest, so the
     mean of an evenly spaced sample of rows does. Where that mean is small against the spread,
     centring would gain little and cost a pass over every bank block the scan prepares."""
-    if metric != "l2" or src.n == 0:
+    if not metric.centred or src.n == 0:
         return None
     y = src.take(torch.arange(0, src.n, -(-src.n // sample))).double()
     mean = y.mean(0)
@@ -93,13 +93,8 @@ def bank_center(src: RowSource, metric: Metric, sample: int = 2048) -> torch.Ten
 def prepare(
     y: torch.Tensor, metric: Metric, center: torch.Tensor | None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Bank or query block as the float32 scan sees it: centred (l2) or unit-norm (cosine).
-    A centred block is written into `out` when given (scratch reuse)."""
-    if metric == "cosine":
-        return normalize(y, "vectors")
-    if center is not None:
-        return torch.sub(y, center.to(y.device), out=out)
-    return y
+    """`Metric.prepare`: the block as the float32 scan sees it."""
+    return metric.prepare(y, center, out)
 
 
 def prepare_whole(

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 import torch
 
 from ._heap import Heaps
+from ._metric import Metric
 from ._precision import Precision
 from ._rows import RowSource, prepared_blocks
-from ._validate import Metric
 from ._workspace import Workspace
 
 SLABS = 8  # k = 1: groups of 8 strided columns
@@ -72,11 +72,13 @@ def _queries_for_gemm(
         xg[:bq].copy_(xs)
         xg[bq:].zero_()
         return xg
-    if metric != "l2":
-        return torch.mul(xs, -1.0, out=ws.get("xs low", (bq, d), prec.dtype, xs.device))
+    if not metric.norm_bias:
+        return torch.mul(
+            xs, metric.query_scale, out=ws.get("xs low", (bq, d), prec.dtype, xs.device)
+        )
     da = -(-(d + 1) // 8) * 8  # rows 16-byte aligned, as the tensor cores want them
     xg = ws.get("xs aug", (bq, da), prec.dtype, xs.device)
-    torch.mul(xs, -2.0, out=xg[:, :d])
+    torch.mul(xs, metric.query_scale, out=xg[:, :d])
     xg[:, d] = 1.0
     xg[:, d + 1 :] = 0.0
     return xg
@@ -109,12 +111,12 @@ def tiles(
         full = buf[: bqp * yp.shape[0]].view(bqp, yp.shape[0])
         if transposed:  # bank-major: the (nbk, bq) product, yielded as its (bq, nbk) view
             full_t = buf[: bqp * yp.shape[0]].view(yp.shape[0], bqp)
-            if metric == "l2":
-                torch.addmm(yn.unsqueeze(1), yp, xg.T, beta=1.0, alpha=-2.0, out=full_t)
+            if metric.norm_bias:
+                torch.addmm(yn.unsqueeze(1), yp, xg.T, alpha=metric.query_scale, out=full_t)
             else:
                 torch.mm(yp, xg.T, out=full_t).neg_()
             full = full_t.T
-        elif gpu and metric == "l2":
+        elif gpu and metric.norm_bias:
             ya = ws.get("rows aug", (yp.shape[0], xg.shape[1]), prec.dtype, xs.device)
             ya[:, :d].copy_(yp)
             ya[:, d].copy_(yn)
@@ -122,9 +124,9 @@ def tiles(
             torch.mm(xg, ya.T, out=full)
         elif gpu:
             torch.mm(xg, yp.T, out=full)
-        elif metric == "l2":
+        elif metric.norm_bias:
             bias = yn.to(prec.dtype).unsqueeze(0)
-            torch.addmm(bias, xg, yp.T, beta=1.0, alpha=-2.0, out=full)
+            torch.addmm(bias, xg, yp.T, alpha=metric.query_scale, out=full)
         else:
             torch.mm(xg, yp.T, out=full).neg_()
         tile = full[:bq]

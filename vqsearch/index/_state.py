@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ._errors import UnknownIdError
+from ._metric import Metric
 from ._rows import PREPARED_CACHE_BYTES, bank_center, prepare_whole
-from ._validate import Metric
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,9 +98,9 @@ class State:
         return torch.from_numpy(self.all_ids[rows.numpy()])
 
     def center(self, metric: Metric) -> torch.Tensor | None:
-        if metric not in self._centers:
-            self._centers[metric] = bank_center(self, metric)
-        return self._centers[metric]
+        if metric.name not in self._centers:
+            self._centers[metric.name] = bank_center(self, metric)
+        return self._centers[metric.name]
 
     def prepared(
         self,
@@ -113,7 +113,7 @@ class State:
         mask), cached per dtype, when it fits PREPARED_CACHE_BYTES."""
         if self.n * (self.d * dtype.itemsize + 4) > PREPARED_CACHE_BYTES or self.n == 0:
             return None
-        key = (metric, str(device), str(dtype))
+        key = (metric.name, str(device), str(dtype))
         if key not in self._prepared:
             blocks = (y for _, y, _ in self.blocks(1 << 16))
             yp, yn = prepare_whole(blocks, metric, center, device, dtype)

@@ -22,7 +22,7 @@ from ._bank import Bank
 from ._eval import k_recall_at_k, one_recall_at, time_search
 from ._knn import knn
 from ._pq import ApproxIndex
-from ._validate import Metric
+from ._validate import Metric, MetricName, check_metric
 
 BATCH_SIZES = (1, 64, 4096)
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -81,7 +81,9 @@ def grid(index: ApproxIndex) -> list[tuple[int | None, float | None]]:
     return [(p, kf) for p in nprobes for kf in k_factors]
 
 
-def perturbed_queries(xb: np.ndarray, n: int, metric: Metric, seed: int = 0) -> np.ndarray:
+def perturbed_queries(
+    xb: np.ndarray, n: int, metric: MetricName | Metric, seed: int = 0
+) -> np.ndarray:
     """Bank vectors plus Gaussian noise whose norm is their nearest-neighbour distance:
     queries that look like encoder outputs near, but not on, their codes."""
     rng = np.random.default_rng(seed)
@@ -92,7 +94,7 @@ def perturbed_queries(xb: np.ndarray, n: int, metric: Metric, seed: int = 0) -> 
     noise = rng.standard_normal(base.shape).astype(np.float32)
     noise *= nn / np.linalg.norm(noise, axis=1, keepdims=True)
     out = base + noise
-    if metric == "cosine":
+    if check_metric(metric).unit:
         out /= np.linalg.norm(out, axis=1, keepdims=True)
     return out
 
@@ -130,7 +132,7 @@ def _measure(
 def sweep(
     xb: np.ndarray,
     ids: np.ndarray | None,
-    metric: Metric,
+    metric: MetricName | Metric,
     xq: np.ndarray,
     indexes: Sequence[ApproxIndex] = (),
     specs: Sequence[str] = (),
@@ -195,7 +197,7 @@ def sweep(
         "n_queries": len(xq),
         "nb": len(xb),
         "d": int(xb.shape[1]),
-        "metric": metric,
+        "metric": str(metric),
         "device": device,
         "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

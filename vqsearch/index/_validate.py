@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,12 +15,21 @@ from ._errors import (
     KOutOfRangeError,
     NonFiniteError,
     RankError,
-    UnknownMetricError,
-    ZeroVectorError,
 )
+from ._metric import METRICS, Metric, MetricName, metric_of, normalize
 
-Metric = Literal["l2", "ip", "cosine"]
-METRICS: tuple[str, ...] = ("l2", "ip", "cosine")
+__all__ = [
+    "METRICS",
+    "Metric",
+    "MetricName",
+    "Queries",
+    "as_matrix",
+    "as_tensor",
+    "check_k",
+    "check_metric",
+    "normalize",
+    "resolve_device",
+]
 
 
 # What a non-numeric array holds, said as a user would say it (not numpy's dtype code).
@@ -37,9 +46,8 @@ _KINDS = {
 
 
 def check_metric(metric: Any) -> Metric:
-    if metric not in METRICS:
-        raise UnknownMetricError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-    return metric
+    """The Metric of a user's metric name (or of a Metric); UnknownMetricError otherwise."""
+    return metric_of(metric)
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -88,16 +96,6 @@ def check_k(k: Any, nb: int) -> int:
     return int(k)
 
 
-def normalize(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Rows scaled to unit L2 norm; a zero row is an error (its cosine is undefined)."""
-    # float64 norms: a float32 |x|^2 overflows for components beyond ~1e19 (then x / inf = 0).
-    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
-    if bool((norms == 0).any()):
-        bad = int((norms[:, 0] == 0).nonzero()[0, 0])
-        raise ZeroVectorError(f"{name} row {bad} is a zero vector; cosine is undefined for it")
-    return (x / norms).to(x.dtype)
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,12 +112,12 @@ class Queries:
     metric: Metric
 
     @classmethod
-    def of(cls, xq: Any, d: int, metric: Metric, name: str = "queries") -> Queries:
-        metric = check_metric(metric)
+    def of(cls, xq: Any, d: int, metric: Metric | MetricName, name: str = "queries") -> Queries:
+        m = check_metric(metric)
         if isinstance(xq, Queries):
             xq = xq.x
         x = as_matrix(xq, name, d)
-        return cls(normalize(x, name) if metric == "cosine" else x, metric)
+        return cls(normalize(x, name) if m.unit else x, m)
 
     @classmethod
     def join(cls, parts: list[Queries]) -> Queries:
@@ -138,9 +136,9 @@ class Queries:
     def numpy(self) -> np.ndarray:
         return self.x.numpy()
 
-    def trusted_by(self, d: int, metric: Metric) -> torch.Tensor:
+    def trusted_by(self, d: int, metric: Metric | MetricName) -> torch.Tensor:
         """The rows, for a searcher of width d and this metric (else InvalidInputError)."""
-        if d != self.d or metric != self.metric:
+        if d != self.d or metric_of(metric) is not self.metric:
             raise DimensionError(
                 f"queries validated for d={self.d}, {self.metric}; searched with d={d}, {metric}"
             )

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vqsearch.index import Bank, Metric, VQSearchError, atomic_write
+from vqsearch.index import Bank, MetricName, VQSearchError, atomic_write
 
 from ._entry import (
     TRADEOFF_FILE,
@@ -143,7 +143,7 @@ class Registry:
         if self.read_only:
             raise ReadOnlyError("this server is a read-only replica; send writes to the primary")
 
-    def create(self, name: str, d: int, metric: Metric, vectors: Any, ids: Any) -> Entry:
+    def create(self, name: str, d: int, metric: MetricName, vectors: Any, ids: Any) -> Entry:
         self._writable()
         lim = self.limits
         if d > lim.max_d:
