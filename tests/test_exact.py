@@ -51,8 +51,8 @@ def test_exact_ties_go_to_lowest_id(rng, scan_style):
 def test_fallback_path_is_exact_when_ties_exceed_margin(rng, monkeypatch, scan_style):
     """More exact duplicates than the kept margin force the float64 scan; it is still exact."""
     calls = []
-    real = _exact._scan64
-    monkeypatch.setattr(_exact, "_scan64", lambda *a: calls.append(1) or real(*a))
+    real = _exact.scan64
+    monkeypatch.setattr(_exact, "scan64", lambda *a: calls.append(1) or real(*a))
     code = rng.standard_normal((5, 8)).astype(np.float32)
     xb = np.repeat(code, 60, axis=0)[rng.permutation(300)]
     xq = code + 0.05 * rng.standard_normal((5, 8)).astype(np.float32)

@@ -16,9 +16,9 @@ import torch
 from tests.conftest import brute_force
 from tests.test_precision import hard_datasets
 from vqsearch.index import Bank, _exact, _fused, _precision, knn
-from vqsearch.index._exact import _fused_bound
 from vqsearch.index._metric import IP, L2, metric_of
 from vqsearch.index._rows import MatrixRows, bank_center, prepare
+from vqsearch.index._scans import fused_bound as _fused_bound
 from vqsearch.index._workspace import Workspace
 
 GPU = torch.cuda.is_available()
@@ -153,11 +153,11 @@ def test_fp16_out_of_range_goes_to_fp32(rng):
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_exact_kernel_is_the_float64_formula(rng, metric):
-    """The one-pass kernel scores each query's row as `_exact.exact64` does, to float64 rounding."""
+    """The one-pass kernel scores each query's row as `Metric.exact64` does, to float64 rounding."""
     xb = (rng.standard_normal((500, 40)) * 3 + 1).astype(np.float32)
     xq = (rng.standard_normal((333, 40)) * 3).astype(np.float32)
     rows = torch.from_numpy(rng.integers(0, 500, 333)).to(DEVICE)
     x, y = torch.from_numpy(xq).to(DEVICE), torch.from_numpy(xb).to(DEVICE)
     got = _fused.exact(x, y, rows, metric_of(metric))
-    want = _exact.exact64(x, y[rows].unsqueeze(1), metric_of(metric))[:, 0]
+    want = metric_of(metric).exact64(x, y[rows].unsqueeze(1))[:, 0]
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import brute_force
 from tests.test_precision import hard_datasets
-from vqsearch.index import Bank, _exact, knn
+from vqsearch.index import Bank, _scans, knn
 
 pytestmark = [
     pytest.mark.gpu,
@@ -73,7 +73,7 @@ def test_cuda_bank_search_and_nearest(rng, tmp_path, metric):
 def test_cuda_host_queries_uploaded_in_chunks(rng, metric, monkeypatch):
     """Queries from host memory go up chunk by chunk, each searched as it lands; ids and
     distances (the one-pass exact kernel's) are float64 brute force."""
-    monkeypatch.setattr(_exact, "HOST_CHUNK", 100)
+    monkeypatch.setattr(_scans, "HOST_CHUNK", 100)
     xb = rng.standard_normal((1000, 24)).astype(np.float32) + 2
     pick = rng.integers(0, 1000, 450)
     xq = (xb[pick] + 0.3 * rng.standard_normal((450, 24))).astype(np.float32)

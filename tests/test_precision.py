@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import brute_force, datasets
-from vqsearch.index import Bank, _exact, _precision, _scan, _workspace, knn
+from vqsearch.index import Bank, _exact, _precision, _prepared, _scan, _workspace, knn
 from vqsearch.index._metric import L2, metric_of
 from vqsearch.index._rows import MatrixRows, bank_center, prepare
 from vqsearch.index._workspace import Workspace
@@ -53,13 +53,9 @@ def test_scan_scores_stay_within_the_error_bound(rng, precision, metric, scan_st
         src = MatrixRows(torch.from_numpy(xb))
         center = bank_center(src, metric)
         xs = prepare(torch.from_numpy(xq), metric, center)
-        radius2 = torch.zeros(())
-        tiles = [
-            t.double().clone()
-            for _, t in _scan.tiles(
-                xs, src, center, metric, 512, radius2, prec, Workspace(), scan_style
-            )
-        ]
+        bank = _prepared.PreparedBank(src, metric, center, CPU, scan_style, Workspace())
+        tiles = [t.double().clone() for _, t in _scan.tiles(bank, xs, 512, prec)]
+        radius2 = bank.radius2
         scores = torch.cat(tiles, 1)
         yp = prepare(torch.from_numpy(xb), metric, center).double()
         xd = xs.double()
@@ -136,7 +132,9 @@ def test_auto_remembers_per_bank_that_bf16_fails(rng, tmp_path, monkeypatch, sca
     first: list[str] = []
     for _ in range(_precision.PROBE_EVERY + 1):
         stats: Counter[str] = Counter()
-        monkeypatch.setattr(_exact, "_count", lambda s, scan, n, p, st=stats: st.update({scan: n}))
+        monkeypatch.setattr(
+            _prepared.PreparedBank, "count", lambda s, scan, n, p, st=stats: st.update({scan: n})
+        )
         I = bank.nearest(xq, device="cpu")[1]
         np.testing.assert_array_equal(I, brute_force(xq, xb, 1, "l2")[1][:, 0])
         first.append(next(iter(stats)))
@@ -171,14 +169,14 @@ def test_cosine_of_huge_vectors_is_exact(rng):
 def test_search_scratch_stays_under_24_mib(rng, monkeypatch, nq, k):
     """A search's scratch (its workspace) stays under the bound the _exact docstring states."""
     used: list[int] = []
-    real = _exact._search_nearest if k == 1 else _exact._search_topk
+    real = _exact._exact_search
 
-    def spy(*a, **kw):
-        out = real(*a, **kw)
-        used.append(kw["ws"].nbytes)
+    def spy(xq, bank, k, precision):
+        out = real(xq, bank, k, precision)
+        used.append(bank.ws.nbytes)
         return out
 
-    monkeypatch.setattr(_exact, "_search_nearest" if k == 1 else "_search_topk", spy)
+    monkeypatch.setattr(_exact, "_exact_search", spy)
     monkeypatch.setattr(_workspace, "_pool", [])  # fresh workspaces: nothing from other tests
     xb = rng.standard_normal((40_000, 256)).astype(np.float32)
     knn(xb[:nq] + 0.1, xb, k, device="cpu")

@@ -214,7 +214,7 @@ def error_bound(
 
 def exact(xq: torch.Tensor, xb: torch.Tensor, rows: torch.Tensor, metric: Metric) -> torch.Tensor:
     """float64 distance (smaller is nearer) of each query xq (nq, d) to its row of xb (nb, d),
-    rows (nq,) int64, by the direct formula as `_exact.exact64` has it, in one pass on the GPU
+    rows (nq,) int64, by the direct formula as `Metric.exact64` has it, in one pass on the GPU
     (torch's float64 expansion of a 262,144-query batch writes some 4 GB)."""
     nq, d = xq.shape
     out = torch.empty(nq, dtype=torch.float64, device=xq.device)

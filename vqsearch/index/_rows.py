@@ -2,13 +2,15 @@
 
 A row source numbers its rows 0..n-1 (dead rows included: they are skipped through a mask), hands
 them out in blocks for the scan, gathers single rows for the re-rank, and maps rows to user ids.
+It says where its rows live (the re-rank runs there) and may keep caches a search reuses: the
+whole source prepared for the scan, the int8 packing, and the precision history of 'auto'.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -22,6 +24,28 @@ class RowSource(Protocol):
 
     @property
     def d(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where the rows live."""
+        ...
+
+    @property
+    def hints(self) -> dict[str, list[float]] | None:
+        """The precision history of 'auto' (`_precision.resolve`), or None: none kept."""
+        ...
+
+    @property
+    def packed(self) -> dict[str, Any] | None:
+        """The int8 packing per metric name (`_int8.PackedBank`), or None: none kept."""
+        ...
+
+    def prepared(
+        self, metric: Metric, center: torch.Tensor | None, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The whole source prepared for the scan (rows in dtype, float32 squared norms, dead
+        mask), cached; None where it is prepared block by block."""
+        ...
 
     def blocks(self, bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
         """Yield (r0, y (nbk, d) float32, dead (nbk,) bool or None) over rows r0..r0+nbk-1."""
@@ -45,6 +69,8 @@ class MatrixRows:
     def __post_init__(self) -> None:
         self.n, self.d = self.xb.shape
         self.device = self.xb.device
+        self.hints: dict[str, list[float]] | None = None  # a plain matrix keeps no history
+        self.packed: dict[str, Any] | None = None
         self._prepared: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor, None]] = {}
 
     def blocks(self, bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
@@ -131,8 +157,7 @@ def prepared_blocks(
     until the next is yielded: uncached blocks are prepared in reused buffers, because a fresh
     multi-MiB tensor per block costs more in page faults than the arithmetic."""
     ws = ws or Workspace()
-    cached = getattr(src, "prepared", None)
-    full = cached(metric, center, device, dtype) if cached is not None else None
+    full = src.prepared(metric, center, device, dtype)
     if full is not None:
         yp_all, yn_all, dead_all = full
         for r0 in range(0, src.n, bs):

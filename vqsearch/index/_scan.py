@@ -26,7 +26,8 @@ import torch
 from ._heap import Heaps
 from ._metric import Metric
 from ._precision import Precision
-from ._rows import RowSource, prepared_blocks
+from ._prepared import PreparedBank
+from ._rows import prepared_blocks
 from ._workspace import Workspace
 
 SLABS = 8  # k = 1: groups of 8 strided columns
@@ -85,29 +86,23 @@ def _queries_for_gemm(
 
 
 def tiles(
-    xs: torch.Tensor,
-    src: RowSource,
-    center: torch.Tensor | None,
-    metric: Metric,
-    bs_b: int,
-    radius2: torch.Tensor,
-    prec: Precision,
-    ws: Workspace,
-    gpu: bool = False,
+    bank: PreparedBank, xs: torch.Tensor, bs_b: int, prec: Precision
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(r0, score tile (bq, nbk) in prec.dtype) over the bank, dead rows at +inf; each tile is
-    valid until the next is yielded (they share a buffer). Updates radius2 (0-d float32) in
-    place to the largest squared norm of a prepared row. A tile of few fp32 queries on a CPU
-    is the transposed view of a bank-major (nbk, bq) product (`BANK_MAJOR_QUERIES`)."""
+    """(r0, score tile (bq, nbk) in prec.dtype) of the prepared queries xs (bq, d) over the
+    bank, dead rows at +inf; each tile is valid until the next is yielded (they share a buffer).
+    The rows' squared norms go to `bank.saw` (the bank radius of the error bound). A tile of few
+    fp32 queries on a CPU is the transposed view of a bank-major (nbk, bq) product
+    (`BANK_MAJOR_QUERIES`)."""
     bq, d = xs.shape
+    metric, gpu, ws = bank.metric, bank.gpu, bank.ws
     xg = _queries_for_gemm(xs, metric, prec, gpu, ws)
     bqp = xg.shape[0]
     transposed = bank_major_block(bqp, prec, gpu)
     # One buffer for every tile of the scan: fresh 8-32 MiB tiles would each be page-faulted in.
     buf = ws.get("tile", (bqp * bs_b,), prec.dtype, xs.device)
-    for r0, yp, yn, dead in prepared_blocks(src, bs_b, metric, center, xs.device, prec.dtype, ws):
-        if yn.numel():
-            torch.maximum(radius2, yn.max(), out=radius2)
+    blocks = prepared_blocks(bank.src, bs_b, metric, bank.center, xs.device, prec.dtype, ws)
+    for r0, yp, yn, dead in blocks:
+        bank.saw(yn)
         full = buf[: bqp * yp.shape[0]].view(bqp, yp.shape[0])
         if transposed:  # bank-major: the (nbk, bq) product, yielded as its (bq, nbk) view
             full_t = buf[: bqp * yp.shape[0]].view(yp.shape[0], bqp)
@@ -228,36 +223,28 @@ def update_best2(
 
 
 def scan_topk(
-    xs: torch.Tensor,
-    src: RowSource,
-    center: torch.Tensor | None,
-    metric: Metric,
-    kk: int,
-    bs_b: int,
-    radius2: torch.Tensor,
-    prec: Precision,
-    ws: Workspace,
-    gpu: bool = False,
+    bank: PreparedBank, xs: torch.Tensor, kk: int, bs_b: int, prec: Precision
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-kk (float32 scores, rows) of one query block; rows are global row numbers.
+    """Running top-kk (float32 scores, rows) of one block of prepared queries xs (bq, d); rows
+    are global row numbers.
 
     Past the first tiles most queries have nothing to gain from a tile: none of its group
     minima beats their kk-th best so far. On a CPU only those ("hot") open groups and merge;
     on a GPU every query does (opening its kk best groups covers its top kk of the tile).
     Row-major fp32 CPU tiles go to faiss's compiled heaps instead (`heap_tiles`)."""
-    bq = xs.shape[0]
+    bq, gpu = xs.shape[0], bank.gpu
     if heap_tiles(bq, prec, gpu):
         heaps = Heaps(bq, kk)
-        for r0, tile in tiles(xs, src, center, metric, bs_b, radius2, prec, ws):
+        for r0, tile in tiles(bank, xs, bs_b, prec):
             heaps.add(tile, r0)
         return heaps.result()
     ng = -(-bs_b // TOPK_SLABS)
-    gbuf = ws.get("groups", (bq, max(ng, bs_b // 2)), prec.dtype, xs.device)
+    gbuf = bank.ws.get("groups", (bq, max(ng, bs_b // 2)), prec.dtype, xs.device)
     vals = torch.full((bq, kk), math.inf, device=xs.device)
     rows = torch.zeros(bq, kk, dtype=torch.int64, device=xs.device)
     tau = torch.full((bq,), math.inf, device=xs.device)  # the kk-th best so far
     every = torch.arange(bq, device=xs.device)
-    for r0, tile in tiles(xs, src, center, metric, bs_b, radius2, prec, ws, gpu):
+    for r0, tile in tiles(bank, xs, bs_b, prec):
         ngt = min(ng, -(-tile.shape[1] // TOPK_SLABS))
         gm = group_min(tile, ngt, gbuf)
         if gpu:

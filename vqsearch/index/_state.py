@@ -36,8 +36,13 @@ class State:
     _centers: dict[str, torch.Tensor | None] = field(default_factory=dict)
     _prepared: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     hints: dict[str, list[float]] = field(default_factory=dict)  # see _precision.resolve
-    packed: dict[str, Any] = field(default_factory=dict)  # per metric, see _exact._int8_bank
+    packed: dict[str, Any] = field(default_factory=dict)  # per metric name: Int8NearestScan.of
     stamp: str | None = None  # the version, as the writes that made these rows set it (Bank)
+
+    @property
+    def device(self) -> torch.device:
+        """Segments are memory maps (or arrays) in host memory."""
+        return torch.device("cpu")
 
     @functools.cached_property
     def offsets(self) -> np.ndarray:
