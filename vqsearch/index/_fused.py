@@ -42,10 +42,8 @@ from ._workspace import Workspace
 # fit every configuration (and was never run), so wider banks take the torch scan.
 MAX_D = 256
 # BLOCK_M queries resident, BLOCK_N bank rows per step; shared memory holds the queries and
-# num_stages row blocks (228 KiB on an H100/H200). Whole searches on an H200, 262,144 queries x
-# 16384 x 256 (bench/results/gpu.md), (BLOCK_M, BLOCK_N, warps, stages): (128, 64, 8, 3)
-# 7.67, 7.25, 7.06 and 7.71 ms in four runs, (256, 64, 8, 2) 7.92, 7.97, 7.56 and 7.87,
-# (128, 128, 8, 2) 8.11, 7.51, 7.52 and 7.70, (256, 32, 8, 3) 9.03, 9.26, 8.62 and 9.08.
+# num_stages row blocks (228 KiB on an H100/H200). This one was the fastest of four
+# configurations for a whole 262,144 x 16384 x 256 search on an H200 (bench/gpu.py).
 CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 

@@ -175,11 +175,13 @@ def _nearest(
 
 class NearestScan(_Scan):
     """k = 1 in torch tiles (fp32 or bf16): a running best, second best and row per query.
-    On a CPU each block's candidates come as soon as it is scanned; on a GPU all at the end,
-    after one sync (the driver reads which are proven)."""
+    A bf16 scan on a CPU gives each block's candidates as soon as it is scanned (the driver
+    drops bf16 for the rest where it proves too little); otherwise all come at the end, in
+    one re-rank and, on a GPU, after one sync."""
 
     def scan(self, xq: torch.Tensor, k: int) -> Iterator[Candidates]:
         b, p = self.bank, self.precision
+        per_block = not b.gpu and p.u_in > choose(b.device, "fp32").u_in
         nq, dev = xq.shape[0], b.device
         tile_elems = b.tile_elems or (GPU_TILE_ELEMS if b.gpu else TILE_ELEMS)
         bank_block = GPU_BANK_BLOCK if b.gpu else 1024
@@ -198,9 +200,9 @@ class NearestScan(_Scan):
                 ngt = min(ng, -(-tile.shape[1] // SLABS))
                 update_best2(tile, ngt, gbuf, r0, best[q], second[q], arg[q], b.gpu)
             e[q] = error_bound(xs, b.radius2, b.metric, p)
-            if not b.gpu:
+            if per_block:
                 yield _nearest(i0, best[q], second[q], arg[q], e[q], f"{p.name} k=1")
-        if b.gpu:
+        if not per_block:
             yield _nearest(0, best, second, arg, e, f"{p.name} k=1")
 
 

@@ -42,18 +42,16 @@ def _libc() -> ctypes.CDLL | None:
 
 def return_freed_memory() -> None:
     """glibc keeps freed score tiles in per-thread heaps, so a server answering from dozens of
-    threads grows its RSS for minutes (measured: +400 MB in 40 s under 32 clients). Here: at
-    most 4 heaps; allocations from 9 MiB up mmapped and unmapped on free (a scan's buffers are
-    8 MiB and stay below: they are reused); each heap trimmed once 32 MiB at its top are free;
-    and every TRIM_EVERY_S `trim_periodically` gives back the free pages inside the heaps.
+    threads grows its RSS for minutes. Here: at most 4 heaps; allocations from 9 MiB up mmapped
+    and unmapped on free (a scan's buffers are 8 MiB and stay below: they are reused); each
+    heap trimmed once 32 MiB at its top are free; and every TRIM_EVERY_S `trim_periodically`
+    gives back the free pages inside the heaps.
 
     Why not unmap sooner: every freed page then faults in again on the next use. Trimming at
-    every free made each sub-MiB re-rank chunk fault in (an 8192-query search on a search
-    thread: 34-39 ms against 26-31 ms without); a 1 MiB mmap threshold made the int8 scan's
-    per-tile oneDNN buffers fault in (16384 x 16384 x 256: 1.47 s against 0.96 s, see
-    `vqsearch/index/_int8.py`) and `bench/load.py` ran at 116 against 130 requests/s. Without
-    the periodic trim, a 16 MiB threshold grew RSS from 452 to 570 MB in 45 s of
-    `bench/load.py`; with it the server holds no more after a run than after its warm-up."""
+    every free makes each sub-MiB re-rank chunk fault in, and a lower mmap threshold the int8
+    scan's per-tile oneDNN buffers (`vqsearch/index/_int8.py`), both slower. Without the
+    periodic trim the heaps keep growing under `bench/load.py`; with it the server holds no
+    more after a run than after its warm-up (`bench/results/load.md`)."""
     libc = _libc()
     if libc is None:
         return

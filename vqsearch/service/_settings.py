@@ -111,7 +111,7 @@ class Settings(BaseSettings):
         False,
         description="FastAPI's native OpenTelemetry (traces, metrics, logs to the global "
         "providers); off by default: even unconfigured, it looks the providers up on every "
-        "request (measured: 5% of the event loop's time under one-vector load)",
+        "request, a share of the event loop's time under one-vector load",
     )
 
     @property
