@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from tests.conftest import brute_force
 from tests.service.conftest import CODEBOOK, app_client
 from vqsearch.index import Bank
+from vqsearch.service import _searching
 from vqsearch.service._searching import Batcher
 
 
@@ -104,3 +106,35 @@ async def test_batches_keep_gathering_while_every_search_thread_is_busy():
     answers = await asyncio.gather(*later)
     assert calls == [1, 5]
     assert [float(D[0, 0]) for D, _ in answers] == [1, 2, 3, 4, 5]
+
+
+async def test_large_requests_run_in_chunks_sized_by_time(monkeypatch):
+    """A large request's chunks follow the time each takes: a search whose cost per row is
+    higher than the first guess gets smaller chunks (a turn for others every CHUNK_SECONDS),
+    a cheaper one larger chunks; the rows come back in order, each exactly once."""
+    monkeypatch.setattr(_searching, "CHUNK_SECONDS", 0.02)
+    for per_row, first, nq in ((1e-4, 1000, 5000), (1e-6, 10, 60_000)):
+        sizes: list[int] = []
+
+        def search(xs, per_row=per_row, sizes=sizes):
+            sizes.append(len(xs))
+            time.sleep(per_row * len(xs))
+            return xs.astype(np.float32), xs.astype(np.int64)
+
+        batcher = Batcher(max_rows=4, max_wait=0.0)
+        x = np.arange(nq)[:, None]
+        D, I = await batcher.run("k", x, search, chunk=first)
+        np.testing.assert_array_equal(I, x)
+        np.testing.assert_array_equal(D, x)
+        assert sum(sizes) == len(x) and sizes[0] == first
+        aim = 0.02 / per_row  # the rows that take CHUNK_SECONDS
+        assert 0.5 * aim < sizes[-2] < 2 * aim, (per_row, sizes)
+
+
+def test_next_chunk_aims_at_the_chunk_time_within_bounds():
+    s = _searching.CHUNK_SECONDS
+    assert _searching.next_chunk(100, s) == 100
+    assert _searching.next_chunk(100, s / 2) == 200
+    assert _searching.next_chunk(100, s / 100) == 400  # at most 4x more
+    assert _searching.next_chunk(800, 100 * s) == 100  # at most 8x fewer
+    assert _searching.next_chunk(1, 100 * s) == 1

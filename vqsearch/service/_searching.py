@@ -131,18 +131,10 @@ class Batcher:
         chunk: int | None = None,
         deadline: Any = None,
     ) -> Result:
-        """fn over xq's rows. A request of `max_rows` or more runs alone, `chunk` rows per call
-        of fn, `deadline.check()` awaited before each."""
+        """fn over xq's rows. A request of `max_rows` or more runs alone, in chunks (`chunk`
+        rows the first), `deadline.check()` awaited before each."""
         if len(xq) >= self.max_rows:
-            chunk = chunk or len(xq)
-            if len(xq) <= chunk:
-                return await self._search(fn, xq)
-            parts = []
-            for i0 in range(0, len(xq), chunk):
-                if deadline is not None:
-                    await deadline.check()
-                parts.append(await self._search(fn, xq[i0 : i0 + chunk]))
-            return np.concatenate([D for D, _ in parts]), np.concatenate([I for _, I in parts])
+            return await self._chunked(xq, fn, chunk or len(xq), deadline)
         batch = self.open.get(key)
         if batch is None:
             batch = self.open[key] = _Batch()
@@ -157,6 +149,30 @@ class Batcher:
             batch.full.set()
             self.changed.set()
         return await fut
+
+    async def _chunked(
+        self, xq: Rows, fn: Callable[[Rows], Result], rows: int, deadline: Any
+    ) -> Result:
+        """fn over xq in chunks, the first of `rows` rows, each next one sized from the time
+        the last took to take about CHUNK_SECONDS (`next_chunk`)."""
+        if len(xq) <= rows:
+            return await self._search(fn, xq)
+
+        def timed(part: Rows) -> tuple[Result, float]:
+            t0 = time.perf_counter()
+            return fn(part), time.perf_counter() - t0
+
+        parts: list[Result] = []
+        i0 = 0
+        while i0 < len(xq):
+            if deadline is not None:
+                await deadline.check()
+            loop = asyncio.get_running_loop()
+            part, seconds = await loop.run_in_executor(self.pool, timed, xq[i0 : i0 + rows])
+            parts.append(part)
+            i0 += rows
+            rows = next_chunk(rows, seconds)
+        return np.concatenate([D for D, _ in parts]), np.concatenate([I for _, I in parts])
 
     async def _flush(
         self, key: tuple[Any, ...], batch: _Batch, fn: Callable[[Rows], Result]
@@ -187,14 +203,24 @@ class Batcher:
             i0 += len(part)
 
 
-# Rows of one engine call of a large request, sized by the bank (rows x d multiply-adds per
-# query): between calls the request checks its deadline and its client, and other requests'
-# calls, queued on the same search threads, get their turn.
-CHUNK_WORK = 1 << 36
+# A large request runs as several engine calls (chunks): between calls it checks its deadline
+# and its client, and other requests' calls, queued on the same search threads, get their
+# turn. The first chunk is sized by the bank (rows x d multiply-adds per query), the next ones
+# by the time the last took, so that a turn comes about every CHUNK_SECONDS on any machine and
+# under any load (searches that share the cores take longer each).
+CHUNK_WORK = 1 << 33
+CHUNK_SECONDS = 0.25
 
 
 def chunk_rows(ntotal: int, d: int) -> int:
     return max(1, CHUNK_WORK // max(1, ntotal * d))
+
+
+def next_chunk(rows: int, seconds: float) -> int:
+    """Rows for the next chunk after one of `rows` rows took `seconds`: aimed at CHUNK_SECONDS,
+    at most 4x more (one fast chunk is not a trend) or 8x fewer than the last."""
+    aim = rows * CHUNK_SECONDS / max(seconds, 1e-6)
+    return max(1, int(min(4 * rows, max(rows / 8, aim))))
 
 
 async def run_query(
