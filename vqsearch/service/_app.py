@@ -25,7 +25,7 @@ from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 
 from ._admission import AdmissionMiddleware
 from ._budget import Budget
-from ._deps import check_access
+from ._deps import add_fast_routes, check_access
 from ._entry import (
     BankExistsError,
     LimitError,
@@ -207,4 +207,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(banks.router)
     app.include_router(tradeoff.router)
+    if not otel:  # FastAPI's spans wrap its dependency solver, which the fast routes skip
+        add_fast_routes(app)  # search, nearest, decode: plain Starlette routes before them
     return app

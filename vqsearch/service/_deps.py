@@ -1,5 +1,7 @@
 """FastAPI dependencies: who may call a route (`Reads`, `Writes`, `Open`: API keys), the
-settings, the registry, a bank by name (with `If-Match`).
+settings, the registry, a bank by name (with `If-Match`); and the hot routes' fast path
+(`EntryRoute`, served by a plain Starlette `FastEntryRoute` beside it), through FastAPI's and
+Starlette's public API only.
 
 All `async def`: none blocks, and FastAPI runs a plain `def` dependency on a worker thread,
 a thread hop per dependency per request (measured: a third of a one-vector request's time)."""
@@ -12,11 +14,11 @@ import re
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-import fastapi.routing
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute, iter_route_contexts
-from starlette.routing import Route
+from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from vqsearch._wire_names import VERSION_HEADER
 
@@ -149,11 +151,16 @@ def _access_of(dependant: Any) -> set[str]:
 def check_access(app: FastAPI) -> None:
     """Refuse to serve a route (route x methods, as included) that does not declare who may
     call it, a PUT, PATCH or DELETE open to less than an admin key, or a route no dependency
-    can guard (a mount, a plain Starlette route) other than FastAPI's own docs."""
+    can guard (a mount, a plain Starlette route) other than FastAPI's own docs and the
+    `FastEntryRoute`s that run the access check of a route the app includes."""
     docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
-    for context in iter_route_contexts(app.routes):
+    contexts = list(iter_route_contexts(app.routes))
+    for context in contexts:
         route, methods = context.original_route, set(context.methods or ())
         what = f"{'/'.join(sorted(methods))} {context.path}"
+        if isinstance(route, FastEntryRoute):
+            _check_fast(route, contexts, what)
+            continue
         if not isinstance(route, APIRoute):
             if isinstance(route, Route) and context.path in docs:
                 continue
@@ -163,6 +170,23 @@ def check_access(app: FastAPI) -> None:
             raise RuntimeError(f"{what} declares no access: add Reads, Writes or Open")
         if "admin" not in access and methods & UNSAFE_METHODS:
             raise RuntimeError(f"{what} writes: declare Writes")
+
+
+def _check_fast(route: FastEntryRoute, contexts: list[RouteContext], what: str) -> None:
+    """A FastEntryRoute answers for a FastAPI route the app serves, with the same path and
+    methods, and runs exactly the access check declared there."""
+    served = route.context
+    if not any(
+        c.original_route is served.original_route and c.path == served.path for c in contexts
+    ):
+        raise RuntimeError(f"{what}: serves a route the app does not include, to declare access")
+    if (route.path, route.methods) != (served.path, served.methods):
+        raise RuntimeError(f"{what}: serves {served.path}, which declares its own access")
+    level = ACCESS.get(route.access)
+    if _fast_access(served) is not route.access or {level} != _access_of(served.dependant):
+        raise RuntimeError(f"{what}: checks {level} access, not what {served.path} declares")
+    if level != "admin" and route.methods and route.methods & UNSAFE_METHODS:
+        raise RuntimeError(f"{what} writes: declare Writes")
 
 
 async def _entry_of(request: Request) -> Entry:
@@ -186,9 +210,13 @@ def _dependency_calls(route: Any) -> set[Any]:
     return {d.call for d in route.dependant.dependencies}
 
 
-def _fast_access(route: Any) -> Callable[..., Coroutine[Any, Any, None]] | None:
-    """The access check of a route declared as an EntryRoute serves it: `Reads` or `Writes`
-    and the bank, nothing else; None otherwise."""
+AccessCheck = Callable[[Request, str | None], Coroutine[Any, Any, None]]
+
+
+def _fast_access(route: Any) -> AccessCheck | None:
+    """The access check of a route (an APIRoute, or a `RouteContext`: one as included) that a
+    `FastEntryRoute` can serve: `Reads` or `Writes` and the bank, nothing else; None
+    otherwise."""
     calls = _dependency_calls(route)
     for access in (read_key, admin_key):
         if calls == {access, get_entry}:
@@ -197,17 +225,12 @@ def _fast_access(route: Any) -> Callable[..., Coroutine[Any, Any, None]] | None:
 
 
 class EntryRoute(APIRoute):
-    """A route documented like any other from its declared signature
-    `(request: Request, entry: EntryDep)` and router-level `Reads` (or `Writes`), but served
-    without FastAPI's per-request dependency solver: the handler runs that access check and
-    resolves the entry itself (`_entry_of`: the same checks, answers and order) and calls the
-    endpoint. Profiled under 64 one-vector clients, the solver was a sixth of the event loop's
-    time.
-
-    Nothing declared is skipped: another parameter or dependency on the route is refused when
-    it is built; dependencies added where the router is included, overrides of any dependency,
-    and `VQSEARCH_OTEL` (FastAPI's spans wrap the solver) send requests through FastAPI's own
-    handler."""
+    """A FastAPI route declared `(request: Request, entry: EntryDep)` with router-level
+    `Reads` (or `Writes`), documented, matched and served by FastAPI like any other, that
+    `add_fast_routes` also serves without FastAPI's per-request dependency solver (profiled
+    under 64 one-vector clients, the solver was a sixth of the event loop's time). Another
+    parameter or dependency on the route is refused when it is built: nothing declared could
+    be skipped."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
@@ -221,28 +244,66 @@ class EntryRoute(APIRoute):
                 f"{path}: an EntryRoute takes (request, entry) and Reads or Writes only, async"
             )
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        standard = super().get_route_handler()
-        # Included in a router or app: FastAPI builds the handler once per inclusion, under a
-        # context that carries the dependencies added there (a private FastAPI name: without
-        # it those cannot be seen, so every request goes through FastAPI's handler).
-        context_var = getattr(fastapi.routing, "_effective_route_context_var", None)
-        if context_var is None:
-            return standard
-        context = context_var.get()
-        if context is None or context.original_route is not self:
-            context = self
-        access = _fast_access(context)
-        if access is None:
-            return standard
-        endpoint = self.endpoint
 
-        async def handler(request: Request) -> Response:
-            app = request.app
-            if app.state.settings.otel or app.dependency_overrides:
-                return await standard(request)
+class FastEntryRoute(Route):
+    """A plain Starlette route, placed before the FastAPI route it serves (`context`: an
+    EntryRoute as included, same path and methods), that runs the access check declared
+    there (`access`, one of `ACCESS`, which `check_access` compares with the declaration),
+    resolves the bank as `EntryDep` would (`_entry_of`: the same checks, answers and order)
+    and calls the endpoint. The FastAPI route stays the one documented (OpenAPI skips plain
+    routes) and answers whatever this one does not match: another method (405), and every
+    request while any dependency is overridden."""
+
+    def __init__(self, context: RouteContext, access: AccessCheck) -> None:
+        if (
+            not isinstance(context.original_route, EntryRoute)
+            or _fast_access(context) is not access
+        ):
+            raise TypeError(f"{context.path}: a FastEntryRoute serves an EntryRoute, its access")
+        self.context, self.access = context, access
+        endpoint = context.endpoint
+        assert endpoint is not None and context.path is not None
+
+        async def serve(request: Request) -> Response:
             await access(request, request.headers.get("authorization"))
             response: Response = await endpoint(request, await _entry_of(request))
             return response
 
-        return handler
+        super().__init__(
+            context.path,
+            serve,
+            methods=context.methods,
+            name=context.name,
+            include_in_schema=False,
+        )
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.FULL or scope["app"].dependency_overrides:
+            return Match.NONE, {}  # FastAPI's route answers
+        child_scope["route"] = self.context.original_route  # what FastAPI's route would set
+        return match, child_scope
+
+
+def add_fast_routes(app: FastAPI) -> None:
+    """Serve every EntryRoute the app includes so far, where its inclusion adds nothing to it
+    (no dependency, no body limit), through a `FastEntryRoute` put just before the included
+    router holding it: matched first, as the FastAPI route would be. Not with
+    `VQSEARCH_OTEL` (`create_app` does not call it): FastAPI's spans wrap its solver."""
+    routes = app.router.routes
+    served = {
+        (id(r.context.original_route), r.path) for r in routes if isinstance(r, FastEntryRoute)
+    }
+    for i in reversed(range(len(routes))):
+        fast = []
+        for context in iter_route_contexts([routes[i]]):
+            if not isinstance(context.original_route, EntryRoute):
+                continue
+            access = _fast_access(context)
+            if (
+                access is not None
+                and getattr(context, "max_body_size", None) is None
+                and (id(context.original_route), context.path) not in served
+            ):
+                fast.append(FastEntryRoute(context, access))
+        routes[i:i] = fast
