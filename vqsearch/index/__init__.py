@@ -31,6 +31,7 @@ from ._eval import (
     time_search,
 )
 from ._knn import knn
+from ._merge import merge_shards
 from ._pq import ApproxIndex, check_spec, default_spec
 from ._storage import write_bytes as atomic_write
 from ._tradeoff import pareto_front, perturbed_queries, pick, sweep
@@ -68,6 +69,7 @@ __all__ = [
     "ground_truth",
     "k_recall_at_k",
     "knn",
+    "merge_shards",
     "nearest_agreement",
     "one_recall_at",
     "pareto_front",

@@ -283,6 +283,43 @@ class Bank:
         D, I = exact_search(x, state, center, self._metric, k, dev, precision=precision)
         return to_reported(D, self._metric), I.numpy()
 
+    def search64(
+        self, xq: Any, k: int, device: str = "auto", precision: str = "auto"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k as `merge_shards` takes it: D (nq, k') float64 'smaller is nearer' (the
+        float64 formula's own value, a function of the query and the row alone), I (nq, k')
+        ids, k' = min(k, ntotal); an empty bank gives k' = 0."""
+        state = self._state
+        x = self._queries(xq)
+        k = min(k, state.ntotal)
+        if k == 0:
+            return np.empty((len(x), 0), np.float64), np.empty((len(x), 0), np.int64)
+        center = state.center(self._metric)
+        dev = resolve_device(device)
+        D, I = exact_search(x, state, center, self._metric, k, dev, precision=precision)
+        return tuple(to_host(D, I))  # type: ignore[return-value]
+
+    def shard(self, s: int, n: int) -> Bank:
+        """Shard s of n: a bank in memory (a snapshot: writes to it change it alone) holding
+        the live rows whose id % n == s, their float32 values as stored (not normalised
+        again), at this bank's version. An id always lands on the same shard, whatever was
+        appended or removed before."""
+        if not 0 <= s < n:
+            raise RankError(f"shard {s} of {n}: need 0 <= shard < shards")
+        state = self._state
+        segs = []
+        for i, seg in enumerate(state.segments):
+            off = int(state.offsets[i])
+            keep = ~state.dead[off : off + len(seg.ids)] & (seg.ids % n == s)
+            if keep.any():
+                vec, ids = np.ascontiguousarray(seg.vectors[keep]), seg.ids[keep]
+                segs.append(Segment(seg.name, vec, ids, content_sha(vec, ids)))
+        out = Bank(self.d, self._metric, auto_compact=False)
+        rows = sum(len(g.ids) for g in segs)
+        dead = np.zeros(rows, bool)
+        out._state = State(self.d, tuple(segs), dead, state.generation, stamp=state.version)
+        return out
+
     def nearest(
         self, xq: Any, device: str = "auto", precision: str = "auto"
     ) -> tuple[np.ndarray, np.ndarray]:

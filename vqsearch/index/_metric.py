@@ -56,6 +56,10 @@ class Metric:
     def __repr__(self) -> str:
         return f"Metric({self.name!r})"
 
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        # unpickled (in a shard's process) as the same instance: compared with `is`
+        return metric_of, (self.name,)
+
     def prepare(
         self, y: torch.Tensor, center: torch.Tensor | None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
