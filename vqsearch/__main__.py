@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="overrides VQSEARCH_HOST")
     serve.add_argument("--port", type=int, help="overrides VQSEARCH_PORT")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    serve.add_argument(
+        "--ray", metavar="HOST:PORT", help="a Ray cluster for sharded banks: VQSEARCH_RAY_ADDRESS"
+    )
     from vqsearch import _compare
 
     compare = sub.add_parser("compare", help="measure recall against speed; table, JSON, PNG")
@@ -30,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     return_freed_memory()
     settings = Settings()
+    if args.ray is not None:
+        settings = settings.model_copy(update={"ray_address": args.ray})
+    if args.workers > 1 and settings.ray_address is not None:
+        parser.error("--workers > 1 with a Ray cluster: each worker would place every shard")
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     configure_logging(settings.log_level)

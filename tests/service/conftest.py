@@ -66,9 +66,10 @@ class Server:
         data_dir: Path,
         file_size_limit: int | None = None,
         cgroup: Path | None = None,
+        args: list[str] | None = None,
         **env: str,
     ) -> None:
-        self.data_dir, self.port, self.env = data_dir, free_port(), env
+        self.data_dir, self.port, self.env, self.args = data_dir, free_port(), env, args or []
         self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: a stand-in for a full disk
         self.cgroup = cgroup  # a memory cgroup (v1) the server runs in, from its first byte
         self.proc: subprocess.Popen[bytes] | None = None
@@ -87,7 +88,7 @@ class Server:
             **self.env,
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vqsearch", "serve"],
+            [sys.executable, "-m", "vqsearch", "serve", *self.args],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

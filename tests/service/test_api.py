@@ -489,3 +489,21 @@ async def test_query_string_errors_name_where_they_are(api):
     assert "query.codes_dtype" in r.json()["detail"]
     r = await api.post("/v1/banks/cb/search?k=1", json={"queries": [[0.0] * 16]})
     assert r.status_code == 200
+
+
+async def test_shards_without_a_cluster_are_refused_and_ray_is_not_imported(settings):
+    """`?shards=2` on a server without VQSEARCH_RAY_ADDRESS: a 422 naming it; the server
+    never imports Ray."""
+    import sys
+
+    from tests.service.conftest import app_client
+
+    had_ray = "ray" in sys.modules
+    async with app_client(settings) as c:
+        r = await c.put("/v1/banks/s?shards=2", json={"vectors": [[1.0, 2.0]]})
+        assert r.status_code == 422, r.text
+        assert "VQSEARCH_RAY_ADDRESS" in r.json()["detail"]
+        r = await c.put("/v1/banks/s?shards=0", json={"vectors": [[1.0, 2.0]]})
+        assert r.status_code == 422, r.text
+        assert (await c.put("/v1/banks/s", json={"vectors": [[1.0, 2.0]]})).json()["shards"] == 1
+    assert had_ray or "ray" not in sys.modules

@@ -283,11 +283,12 @@ class Requests:
         ids: Any = None,
         metric: str = "l2",
         d: int | None = None,
+        shards: int = 1,
     ) -> Plan[BankInfo]:
         arrays = {} if vectors is None else {VECTORS_FIELD: to_numpy(vectors)}
         if ids is not None:
             arrays[IDS_FIELD] = to_numpy(ids).astype(np.int64)
-        params = {"metric": metric, "d": d}
+        params = {"metric": metric, "d": d, "shards": None if shards == 1 else shards}
 
         def parse(r: httpx.Response) -> BankInfo:
             return BankInfo.from_json(_json_object(r))

@@ -114,9 +114,13 @@ class Client:
         ids: Any = None,
         metric: str = "l2",
         d: int | None = None,
+        shards: int = 1,
     ) -> BankInfo:
-        """Create a bank from vectors (n, d), or empty with `d`. Returns its info."""
-        plan = self._requests.create_bank(name, vectors=vectors, ids=ids, metric=metric, d=d)
+        """Create a bank from vectors (n, d), or empty with `d`; `shards` > 1 splits its rows
+        over that many shard actors (a server on a Ray cluster). Returns its info."""
+        plan = self._requests.create_bank(
+            name, vectors=vectors, ids=ids, metric=metric, d=d, shards=shards
+        )
         return self._run(plan)
 
     def delete_bank(self, name: str) -> str:

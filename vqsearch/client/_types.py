@@ -268,7 +268,8 @@ class TradeoffJob(_FromJSON):
 class BankInfo(_FromJSON):
     """A bank: `count` vectors of `d` dims, its `version` (what `version=` pins), the ids'
     `max_id` (None when empty), its approximate `index` (None if never built), its `tradeoff`
-    sweep, recorded `query_sample` size and code `usage` (None when the server keeps none)."""
+    sweep, recorded `query_sample` size and code `usage` (None when the server keeps none), and
+    how many `shards` its rows are split over."""
 
     name: str
     d: int
@@ -283,6 +284,7 @@ class BankInfo(_FromJSON):
     tradeoff: TradeoffJob | None = None
     query_sample: int | None = None
     usage: UsageSummary | None = None
+    shards: int = 1
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> BankInfo:
@@ -301,6 +303,7 @@ class BankInfo(_FromJSON):
             TradeoffJob.from_json(tradeoff) if isinstance(tradeoff, dict) else None,
             _int(doc.get("query_sample")),
             UsageSummary.from_json(usage) if isinstance(usage, dict) else None,
+            int(doc.get("shards", 1)),
             raw=doc,
         )
 

@@ -2,5 +2,13 @@
 
 from ._app import create_app, demo_codebook
 from ._settings import Settings
+from ._shards import Placement, ShardSet, ShardsUnavailableError
 
-__all__ = ["Settings", "create_app", "demo_codebook"]
+__all__ = [
+    "Placement",
+    "Settings",
+    "ShardSet",
+    "ShardsUnavailableError",
+    "create_app",
+    "demo_codebook",
+]

@@ -38,6 +38,7 @@ from ._observe import Metrics, ObserveMiddleware, trim_periodically
 from ._registry import Registry
 from ._searching import Batcher
 from ._settings import Settings
+from ._shards import RETRY_AFTER_S, ShardsUnavailableError
 from .routes import banks, health, query, tradeoff
 
 log = logging.getLogger("vqsearch")
@@ -102,6 +103,11 @@ def _add_handlers(app: FastAPI) -> None:
         kind = status_kind(exc.status_code)
         return _error(exc.status_code, str(exc.detail), kind=kind, headers=exc.headers)
 
+    @app.exception_handler(ShardsUnavailableError)
+    async def _503(_: Request, exc: Exception) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return _error(503, str(exc), kind=_snake(exc), headers=headers)
+
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: Exception) -> JSONResponse:
         cause = exc.__cause__
@@ -136,6 +142,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         check_access(app)  # every route, as served, declares who may call it
         limits = Limits(settings.max_d, settings.max_bank_vectors, settings.max_banks)
+        cluster = None
+        if settings.ray_address is not None:
+            from vqsearch.ray import Cluster  # imported only here: Ray is an extra
+
+            cluster = Cluster.connect(settings.ray_address, settings.ray_gpus, settings.ray_timeout)
         registry = Registry(
             settings.data_dir,
             settings.auto_rebuild,
@@ -143,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.query_reservoir,
             settings.usage_window,
             limits,
+            cluster,
         )
         if not settings.auth_enabled:
             log.warning(
@@ -174,6 +186,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             registry.close()
+            if cluster is not None:
+                cluster.close()
 
     otel = settings.otel
     app = FastAPI(

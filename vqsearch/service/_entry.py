@@ -12,6 +12,7 @@ from vqsearch._wire_names import IndexPhase, SweepPhase
 from vqsearch.index import ApproxIndex, Bank
 
 from ._sampling import Reservoir, Usage
+from ._shards import ShardSet
 
 INDEX_FILE = "index/index.faiss"
 BUILDING_FILE = "index/building.json"  # present while a build runs: a crash leaves it behind
@@ -93,6 +94,8 @@ class Entry:
     lock: threading.Lock = field(default_factory=threading.Lock)
     reservoir: Reservoir | None = None
     usage: Usage | None = None
+    shards: int = 1  # as the bank was made (`shards.json`)
+    placed: ShardSet | None = None  # its shards on a cluster; None: searched here, whole
     stamp: tuple[int, ...] = ()  # what the files looked like when loaded (replicas compare)
     tradeoff: dict[str, Any] | None = None  # the last sweep's report
     sweep: dict[str, Any] = field(
@@ -115,6 +118,7 @@ class Entry:
             "version": self.version,
             "generation": b.generation,
             "segments": b.num_segments,
+            "shards": self.shards,
             "max_id": int(b.ids().max()) if b.ntotal else None,
             "index": None if self.build is None else self.build.info(self.index),
             "tradeoff": self.sweep | {"measured": self.tradeoff is not None},

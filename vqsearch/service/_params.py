@@ -84,6 +84,9 @@ class DecodeParams(_Params):
 class CreateParams(_Params):
     metric: Literal["l2", "ip", "cosine"] = "l2"
     d: int | None = Field(None, ge=1, le=65536, description="width, for a bank made empty")
+    shards: int = Field(
+        1, ge=1, le=256, description="split the rows over this many shards (needs a Ray cluster)"
+    )
 
 
 class IndexParams(_Params):

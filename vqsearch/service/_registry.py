@@ -34,6 +34,7 @@ from ._entry import (
 from ._jobs import Jobs
 from ._lock import DataDirLock
 from ._sampling import Reservoir, Usage
+from ._shards import Placement, read_shards, write_shards
 
 log = logging.getLogger("vqsearch")
 
@@ -50,10 +51,12 @@ class Registry:
         reservoir: int = 0,
         usage_window: int = 0,
         limits: Limits | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.root, self.limits = Path(root), limits or Limits()
         self.reservoir_size, self.usage_window = reservoir, usage_window
         self.read_only = read_only
+        self.placement = placement  # where sharded banks' shards run; None: no cluster
         self.banks_dir, self.trash = self.root / "banks", self.root / "trash"
         self.entries: dict[str, Entry] = {}
         self.loaded = False
@@ -80,7 +83,8 @@ class Registry:
 
     def _open(self, p: Path) -> Entry:
         bank = Bank.open(p, writable=not self.read_only, auto_compact=False)
-        entry = Entry(p.name, bank, stamp=stamp_of(p))
+        entry = Entry(p.name, bank, shards=read_shards(p), stamp=stamp_of(p))
+        self._place(entry)
         self.jobs.load_index(entry)
         self._load_tradeoff(entry)
         self._attach(entry)
@@ -109,6 +113,13 @@ class Registry:
         for name in set(self.entries) - seen:
             del self.entries[name]
 
+    def _place(self, entry: Entry) -> None:
+        """Start a sharded bank's shards on the cluster (a server without one searches the
+        bank whole: the same answers)."""
+        if self.placement is not None and entry.shards > 1 and not self.read_only:
+            assert entry.bank.path is not None
+            entry.placed = self.placement(entry.bank.path, entry.shards, entry.bank.metric)
+
     def _attach(self, entry: Entry) -> None:
         if self.reservoir_size > 0:
             entry.reservoir = Reservoir(self.reservoir_size, entry.bank.d)
@@ -127,6 +138,9 @@ class Registry:
 
     def close(self) -> None:
         self.jobs.close()
+        for entry in self.entries.values():
+            if entry.placed is not None:
+                entry.placed.close()
         self._dir_lock.release()
 
     def list(self) -> list[Entry]:
@@ -143,8 +157,14 @@ class Registry:
         if self.read_only:
             raise ReadOnlyError("this server is a read-only replica; send writes to the primary")
 
-    def create(self, name: str, d: int, metric: MetricName, vectors: Any, ids: Any) -> Entry:
+    def create(
+        self, name: str, d: int, metric: MetricName, vectors: Any, ids: Any, shards: int = 1
+    ) -> Entry:
         self._writable()
+        if shards > 1 and self.placement is None:
+            raise LimitError(
+                f"shards={shards} needs a Ray cluster: start the server with VQSEARCH_RAY_ADDRESS"
+            )
         lim = self.limits
         if d > lim.max_d:
             raise LimitError(f"d={d} exceeds VQSEARCH_MAX_D={lim.max_d}")
@@ -164,11 +184,14 @@ class Registry:
                 bank = Bank.create(tmp, d, metric)
                 if vectors is not None and len(vectors):
                     bank.add(vectors, ids)
+                if shards > 1:
+                    write_shards(tmp, shards)
                 tmp.rename(self.banks_dir / name)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             bank = Bank.open(self.banks_dir / name, verify=False, auto_compact=False)
-            entry = Entry(name, bank)
+            entry = Entry(name, bank, shards=shards)
+            self._place(entry)
             self._attach(entry)
             self.entries[name] = entry
             return entry
@@ -186,6 +209,8 @@ class Registry:
                 entry.bank.path.rename(self.trash / f"{name}.{uuid.uuid4().hex}")
                 entry.dead, entry.index = True, None
                 del self.entries[name]
+                if entry.placed is not None:
+                    entry.placed.close()
         shutil.rmtree(self.trash, ignore_errors=True)
 
     def add(self, entry: Entry, vectors: Any, ids: Any) -> np.ndarray:

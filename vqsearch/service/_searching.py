@@ -77,6 +77,8 @@ def execute(
     entry: Entry, xq: Queries, setting: Setting, k: int, device: str, precision: str
 ) -> Result:
     if setting.exact:
+        if entry.placed is not None:  # the shards, at the version every write so far made
+            return entry.placed.search(xq, k, lambda: entry.bank.version)
         return entry.bank.search(xq, k, device=device, precision=precision)
     index = entry.index
     if index is None or index.spec != setting.spec:

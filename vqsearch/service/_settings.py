@@ -36,6 +36,15 @@ class Settings(BaseSettings):
         False,
         description="serve reads only (replicas; required for several workers): writes get 405",
     )
+    ray_address: str | None = Field(
+        None,
+        description="HOST:PORT of a Ray cluster (`ray start --head`): banks made with ?shards=N "
+        "are split over N shard actors on its nodes; unset, Ray is never imported",
+    )
+    ray_gpus: float = Field(0.0, ge=0, description="GPUs each shard actor takes (num_gpus)")
+    ray_timeout: float = Field(
+        30.0, gt=0, description="seconds a shard may take to answer before the request gets 503"
+    )
     refresh_seconds: float = Field(
         2.0, gt=0, description="read-only replicas: how often to take up the primary's writes"
     )

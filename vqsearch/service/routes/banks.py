@@ -74,7 +74,7 @@ async def create_bank(
     d = p.d if vectors is None else vectors.shape[1]
     if p.d is not None and d != p.d:
         raise HTTPException(422, f"d={p.d} was given, but the vectors have d={d}")
-    entry = await run_in_threadpool(registry.create, name, d, p.metric, vectors, ids)
+    entry = await run_in_threadpool(registry.create, name, d, p.metric, vectors, ids, p.shards)
     return JSONResponse(entry.info(), status_code=201, headers=_versioned(entry))
 
 

@@ -1,0 +1,105 @@
+"""Sharded banks on a real 3-node Ray cluster: shard actors (`RayShards`) answer exactly what
+the bank answers whole (float64 brute force, ties across shards by lowest id), at the version
+the writer acknowledged last; a write lands on the shard id % n."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import brute_force
+from vqsearch.index import Bank, Queries
+from vqsearch.ray import RayShards
+from vqsearch.service import ShardsUnavailableError
+
+D = 24
+
+
+def clustered(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A trained codebook's shape: clusters far from the origin, every tenth row a copy of
+    the row before it (the copy's id lands on the other shard of two: a tie across shards)."""
+    centres = rng.standard_normal((8, D)).astype(np.float32) * 4 + 30
+    xb = centres[rng.integers(0, 8, n)] + rng.standard_normal((n, D)).astype(np.float32)
+    xb[1::10] = xb[0::10]
+    return xb
+
+
+def queries(rng: np.random.Generator, xb: np.ndarray) -> np.ndarray:
+    near = xb[rng.integers(0, len(xb), 40)] + 0.01
+    return np.concatenate([xb[:20:2], near, rng.standard_normal((20, D)).astype(np.float32) + 30])
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_sharded_equals_the_bank_and_brute_force(cluster, tmp_path: Path, metric, rng):
+    xb = clustered(rng, 900)
+    bank = Bank.create(tmp_path / "b", D, metric)
+    bank.add(xb)
+    shards = RayShards(tmp_path / "b", 2, metric, timeout=60)
+    try:
+        nodes = {node for node, _ in shards.where()}
+        assert len(nodes) == 2  # one CPU per node: the two shards run on two nodes
+        xq = queries(rng, xb)
+        for k in (1, 5):
+            Ds, Is = shards.search(Queries.of(xq, D, metric), k, lambda: bank.version)
+            Dw, Iw = bank.search(xq, k)
+            np.testing.assert_array_equal(Is, Iw)
+            np.testing.assert_array_equal(Ds, Dw)
+            Db, Ib = brute_force(xq, xb, k, metric)
+            np.testing.assert_array_equal(Is, Ib)  # ids are rows: added as 0..n-1
+            np.testing.assert_allclose(Ds, Db, rtol=1e-6, atol=1e-3)
+        # the exact ties: a query on row 0 finds rows 0 and 1 (shards 0 and 1), in id order
+        _, I2 = shards.search(Queries.of(xb[:1], D, metric), 2, lambda: bank.version)
+        if metric == "l2":
+            assert I2.tolist() == [[0, 1]]
+    finally:
+        shards.close()
+
+
+def test_writes_land_on_their_shard_and_answers_follow_them(cluster, tmp_path: Path, rng):
+    xb = clustered(rng, 300)
+    bank = Bank.create(tmp_path / "b", D, "l2")
+    bank.add(xb)
+    shards = RayShards(tmp_path / "b", 2, "l2", timeout=60)
+    try:
+        new = clustered(rng, 50)
+        bank.add(new, np.arange(1000, 1050))
+        bank.remove(np.arange(0, 300, 7))
+        live = np.sort(bank.ids())
+        xq = np.concatenate([new[:10], xb[:10]])
+        Ds, Is = shards.search(Queries.of(xq, D, "l2"), 3, lambda: bank.version)  # reloads at it
+        held = shards.ids()
+        for s, ids in enumerate(held):
+            assert np.all(ids % 2 == s)
+        np.testing.assert_array_equal(np.sort(np.concatenate(held)), live)
+        Dw, Iw = bank.search(xq, 3)
+        np.testing.assert_array_equal(Is, Iw)
+        np.testing.assert_array_equal(Ds, Dw)
+        assert not np.isin(Is, np.arange(0, 300, 7)).any()  # removed rows are gone
+
+        # a search asked at the version before a write reaches shards that have read the
+        # directory since: they answer at the newer version, which the server then reports
+        before = bank.version
+        bank.add(xq[:3] + 0.001, np.arange(2000, 2003))
+        shards.search(Queries.of(xq[:1], D, "l2"), 1, lambda: bank.version)  # now at the new
+        asked = iter([before])
+        Ds, Is = shards.search(Queries.of(xq, D, "l2"), 3, lambda: next(asked, bank.version))
+        Dw, Iw = bank.search(xq, 3)
+        np.testing.assert_array_equal(Is, Iw)
+        assert {2000, 2002} <= set(Is.ravel().tolist())  # the write is in the answer
+    finally:
+        shards.close()
+
+
+def test_a_version_no_shard_can_reach_is_refused_not_answered(cluster, tmp_path: Path, rng):
+    """Asked for a version the directory never had, the shards answer at theirs and the
+    search is refused (a 503 in the service), never answered from the wrong rows."""
+    bank = Bank.create(tmp_path / "b", D, "l2")
+    bank.add(clustered(rng, 100))
+    shards = RayShards(tmp_path / "b", 2, "l2", timeout=60)
+    try:
+        with pytest.raises(ShardsUnavailableError, match="versions"):
+            shards.search(Queries.of(np.zeros((1, D), np.float32), D, "l2"), 1, lambda: "v-never")
+    finally:
+        shards.close()

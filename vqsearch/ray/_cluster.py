@@ -1,0 +1,104 @@
+"""Shard actors on a Ray cluster, fanned out to and merged (`RayShards`), and the connection
+that places them (`Cluster`, the service's `Placement`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray import exceptions as rx
+
+from vqsearch.index import Queries, merge_shards
+from vqsearch.service import ShardsUnavailableError
+
+from ._shard import BankShard
+
+# Ray's errors that mean "this shard cannot answer now": its process or node died (it is
+# restarting), it is unreachable, or it took too long. Never a partial answer: a 503.
+DOWN = (rx.RayActorError, rx.ActorUnavailableError, rx.GetTimeoutError, rx.ObjectLostError)
+ASKS = 3  # fan-outs before a search whose shards keep answering at other versions gives up
+
+
+class RayShards:
+    """The n shards of the bank in `path`, one actor each, spread over the nodes (SPREAD),
+    restarted from the directory when their node dies (`max_restarts=-1`)."""
+
+    def __init__(
+        self, path: Path, n: int, metric: str, num_gpus: float = 0.0, timeout: float = 30.0
+    ) -> None:
+        self.path, self.n, self.metric, self.timeout = Path(path), n, metric, timeout
+        actor = ray.remote(BankShard).options(
+            num_cpus=1,
+            num_gpus=num_gpus,
+            max_restarts=-1,
+            max_task_retries=0,  # a search is not retried on a restarted shard: a 503 instead
+            scheduling_strategy="SPREAD",
+        )
+        self.actors: list[Any] = [actor.remote(str(self.path), s, n) for s in range(n)]
+
+    def search(
+        self, xq: Queries, k: int, version: Callable[[], str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k: every shard's float64 top-k, merged by (distance, id), once all the
+        shards answer at one version that is the bank's `version()` as asked or as it is
+        after they answered (a write landed meanwhile: the answer holds it too)."""
+        ref = ray.put(xq)
+        want = version()
+        for _ in range(ASKS):
+            parts = self._ask("search64", ref, k, want)
+            got = {v for _, _, v in parts}
+            if len(got) == 1 and got & {want, version()}:
+                return merge_shards([(D, I) for D, I, _ in parts], k, self.metric)
+            want = version()  # some shard read an older or newer directory: ask again
+        raise ShardsUnavailableError(
+            f"the shards of {self.path.name!r} answer at versions {sorted(got)}, not {want}"
+        )
+
+    def ids(self) -> list[np.ndarray]:
+        """The ids each shard holds."""
+        return self._ask("ids")
+
+    def where(self) -> list[tuple[str, int]]:
+        """(node id, pid) of each shard."""
+        return self._ask("where")
+
+    def _ask(self, method: str, *args: object) -> list[Any]:
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except DOWN as exc:
+            raise ShardsUnavailableError(
+                f"a shard of {self.path.name!r} is not answering ({type(exc).__name__}); "
+                "it restarts from the data dir: retry"
+            ) from exc
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+
+class Cluster:
+    """A connection to a Ray cluster, placing sharded banks on it (called as a `Placement`).
+    `connect` joins the cluster unless this process already has (a test's driver), and
+    `close` leaves only a connection it made."""
+
+    def __init__(self, num_gpus: float, timeout: float, owns: bool) -> None:
+        self.num_gpus, self.timeout, self.owns = num_gpus, timeout, owns
+
+    @classmethod
+    def connect(cls, address: str, num_gpus: float = 0.0, timeout: float = 30.0) -> Cluster:
+        owns = not ray.is_initialized()
+        if owns:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return cls(num_gpus, timeout, owns)
+
+    def __call__(self, path: Path, n: int, metric: str) -> RayShards:
+        return RayShards(path, n, metric, self.num_gpus, self.timeout)
+
+    def close(self) -> None:
+        if self.owns:
+            ray.shutdown()

@@ -1,0 +1,60 @@
+"""One shard of a bank, the body of a Ray actor (and a plain object without Ray)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vqsearch.index import Bank, VQSearchError
+
+RELOADS = 5  # reads of the directory before a shard answers at the version it found
+
+
+class BankShard:
+    """Shard `s` of `n` of the bank in `path`: its live rows with id % n == s (`Bank.shard`),
+    read from the directory at the version a request names. The server is the directory's
+    one writer and replaces the manifest last, so the version it acknowledged is on disk."""
+
+    def __init__(self, path: str, s: int, n: int) -> None:
+        self.path, self.s, self.n = Path(path), s, n
+        self.bank = self._load(verify=True)
+
+    def _load(self, verify: bool = False) -> Bank:
+        # A (re)started shard checks every file against its manifest's checksum; reloads after
+        # a write do not hash the whole bank again: the writer hashed each file as it wrote
+        # it, and names it in a manifest only once it is whole on disk.
+        bank = Bank.open(self.path, verify=verify, writable=False, auto_compact=False)
+        return bank.shard(self.s, self.n)
+
+    def _reload(self, version: str) -> None:
+        for attempt in range(RELOADS):
+            try:
+                self.bank = self._load()
+            except (VQSearchError, OSError):  # a compaction removed a file the manifest named
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            if self.bank.version == version:
+                return
+
+    def search64(self, xq: Any, k: int, version: str) -> tuple[np.ndarray, np.ndarray, str]:
+        """`Bank.search64` of this shard at `version` (read again when it has moved on) ->
+        D (nq, k') float64, I (nq, k'), and the version that answered (the caller checks)."""
+        if self.bank.version != version:
+            self._reload(version)
+        D, I = self.bank.search64(xq, k)
+        return D, I, self.bank.version
+
+    def ids(self) -> np.ndarray:
+        """The ids this shard holds, as loaded (the version it answered last)."""
+        return self.bank.ids()
+
+    def where(self) -> tuple[str, int]:
+        """(Ray node id, process id) this shard runs in."""
+        import os
+
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
