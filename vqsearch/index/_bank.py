@@ -276,12 +276,17 @@ class Bank:
         state = self._state
         if state.ntotal == 0:
             raise EmptyBankError("the bank is empty")
-        x = self._queries(xq)
-        k = check_k(k, state.ntotal)
-        dev = resolve_device(device)
-        center = state.center(self._metric)
-        D, I = exact_search(x, state, center, self._metric, k, dev, precision=precision)
+        D, I = self._exact(self._queries(xq), check_k(k, state.ntotal), device, precision)
         return to_reported(D, self._metric), I.numpy()
+
+    def _exact(
+        self, x: torch.Tensor, k: int, device: str, precision: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact driver on this bank's rows: float64 D, I for 1 <= k <= ntotal."""
+        state = self._state
+        center = state.center(self._metric)
+        dev = resolve_device(device)
+        return exact_search(x, state, center, self._metric, k, dev, precision=precision)
 
     def search64(
         self, xq: Any, k: int, device: str = "auto", precision: str = "auto"
@@ -289,15 +294,11 @@ class Bank:
         """Exact top-k as `merge_shards` takes it: D (nq, k') float64 'smaller is nearer' (the
         float64 formula's own value, a function of the query and the row alone), I (nq, k')
         ids, k' = min(k, ntotal); an empty bank gives k' = 0."""
-        state = self._state
         x = self._queries(xq)
-        k = min(k, state.ntotal)
+        k = min(k, self._state.ntotal)
         if k == 0:
             return np.empty((len(x), 0), np.float64), np.empty((len(x), 0), np.int64)
-        center = state.center(self._metric)
-        dev = resolve_device(device)
-        D, I = exact_search(x, state, center, self._metric, k, dev, precision=precision)
-        return tuple(to_host(D, I))  # type: ignore[return-value]
+        return tuple(to_host(*self._exact(x, k, device, precision)))  # type: ignore[return-value]
 
     def shard(self, s: int, n: int) -> Bank:
         """Shard s of n: a bank in memory (a snapshot: writes to it change it alone) holding
