@@ -265,7 +265,8 @@ class FastEntryRoute(Route):
         assert endpoint is not None and context.path is not None
 
         async def serve(request: Request) -> Response:
-            await access(request, request.headers.get("authorization"))
+            # self.access, not the argument: what check_access compares is what runs
+            await self.access(request, request.headers.get("authorization"))
             response: Response = await endpoint(request, await _entry_of(request))
             return response
 
