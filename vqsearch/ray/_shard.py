@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 
 from vqsearch.index import Bank, VQSearchError
 
-RELOADS = 5  # reads of the directory before a shard answers at the version it found
+RELOADS = 5  # failed reads of the directory before a shard answers from what it holds
 
 
 class BankShard:
@@ -29,21 +30,22 @@ class BankShard:
         bank = Bank.open(self.path, verify=verify, writable=False, auto_compact=False)
         return bank.shard(self.s, self.n)
 
-    def _reload(self, version: str) -> None:
+    def _reload(self) -> None:
+        # One read that succeeds is the directory as it is: the server acknowledges a version
+        # only once its manifest is on disk, so reading again cannot reach an older one; the
+        # caller compares versions (`RayShards.search`).
         for attempt in range(RELOADS):
             try:
                 self.bank = self._load()
+                return
             except (VQSearchError, OSError):  # a compaction removed a file the manifest named
                 time.sleep(0.05 * (attempt + 1))
-                continue
-            if self.bank.version == version:
-                return
 
     def search64(self, xq: Any, k: int, version: str) -> tuple[np.ndarray, np.ndarray, str]:
         """`Bank.search64` of this shard at `version` (read again when it has moved on) ->
         D (nq, k') float64, I (nq, k'), and the version that answered (the caller checks)."""
         if self.bank.version != version:
-            self._reload(version)
+            self._reload()
         D, I = self.bank.search64(xq, k)
         return D, I, self.bank.version
 
@@ -53,8 +55,6 @@ class BankShard:
 
     def where(self) -> tuple[str, int]:
         """(Ray node id, process id) this shard runs in."""
-        import os
-
-        import ray
+        import ray  # here: the class is usable without Ray
 
         return ray.get_runtime_context().get_node_id(), os.getpid()
