@@ -36,6 +36,12 @@ def require_loopback_only() -> None:
             )
 
 
+# a node that stops answering health checks is declared dead in about a second, not 30
+FAST_DEATH = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 200,
+    "health_check_failure_threshold": 5,
+}
 NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
 
 
@@ -55,6 +61,7 @@ def cluster() -> Iterator[Cluster]:
                 **NODE,
                 "temp_dir": temp,
                 "include_dashboard": False,
+                "_system_config": FAST_DEATH,
             },
         )
         c.temp_dir = temp  # type: ignore[attr-defined]
