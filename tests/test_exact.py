@@ -88,3 +88,17 @@ def test_l2_distances_clamped_nonnegative(rng):
     D, I = knn(xb[:50], xb, 1)
     assert (D >= 0).all() and (D[:, 0] == 0).all()
     np.testing.assert_array_equal(I[:, 0], np.arange(50))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_read_only_memory_maps_are_searched_in_place(tmp_path, rng, metric):
+    """np.load(mmap_mode="r") arrays, queries and bank, as a user passes them: no warning
+    (the suite turns warnings into errors), exact answers, and the files left as they were."""
+    xq, xb = rng.standard_normal((30, 16)), rng.standard_normal((500, 16))
+    np.save(tmp_path / "q.npy", xq.astype(np.float32))
+    np.save(tmp_path / "b.npy", xb.astype(np.float32))
+    q, b = np.load(tmp_path / "q.npy", mmap_mode="r"), np.load(tmp_path / "b.npy", mmap_mode="r")
+    assert not q.flags.writeable
+    _, I = knn(q, b, 3, metric)
+    np.testing.assert_array_equal(I, brute_force(q, b, 3, metric)[1])
+    np.testing.assert_array_equal(np.load(tmp_path / "q.npy"), xq.astype(np.float32))

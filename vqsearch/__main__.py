@@ -1,4 +1,4 @@
-"""Command line: `vqsearch serve` (also `python -m vqsearch serve`)."""
+"""Command line: `vqsearch serve`, `compare`, `tokenize` (also `python -m vqsearch ...`)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,15 @@ def main(argv: list[str] | None = None) -> int:
 
     compare = sub.add_parser("compare", help="measure recall against speed; table, JSON, PNG")
     _compare.add_arguments(compare)
+    from vqsearch import _tokenize
+
+    tokenize = sub.add_parser("tokenize", help="every array in a directory to its codes")
+    _tokenize.add_arguments(tokenize)
     args = parser.parse_args(argv)
     if args.command == "compare":
         return _compare.run(args)
+    if args.command == "tokenize":
+        return _tokenize.run(args)
 
     import uvicorn
 

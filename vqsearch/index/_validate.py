@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,14 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
     if a.dtype.kind == "u" and a.dtype.itemsize > 1:  # torch computes on uint8 only
         wide = a.dtype.itemsize == 8 and a.size and int(a.max()) > np.iinfo(np.int64).max
         a = a.astype(np.float64 if wide else np.int64)
-    return torch.from_numpy(np.ascontiguousarray(a))
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:  # a read-only memory map, say: shared, not copied
+        # The engine never writes into its inputs (it writes only buffers and results of its
+        # own), so torch's warning about tensors over read-only memory does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(a)
+    return torch.from_numpy(a)
 
 
 def as_matrix(x: Any, name: str, d: int | None = None) -> torch.Tensor:
