@@ -1,18 +1,22 @@
 # syntax=docker/dockerfile:1
 # vqsearch server image. CPU torch by default; for GPU hosts:
 #   docker build --build-arg TORCH_VARIANT=cu126 -t vqsearch:gpu .
+# With Ray (the compose `ray` profile, deploy/kuberay.yaml): --build-arg WITH_RAY=1
 ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim AS build
 ARG TORCH_VARIANT=cpu
+ARG WITH_RAY=0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first, from the lock file: this layer is rebuilt only when the lock changes.
+# With Ray: Ray and Ray Data at the versions constraints.txt pins (every node runs this image).
 COPY requirements.lock constraints.txt ./
 RUN pip install --extra-index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-        -r requirements.lock -c constraints.txt
+        -r requirements.lock -c constraints.txt \
+    && if [ "$WITH_RAY" = 1 ]; then pip install -c constraints.txt "ray[data]"; fi
 COPY pyproject.toml README.md ./
 COPY vqsearch ./vqsearch
 RUN pip install --no-deps .

@@ -73,7 +73,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
 def test_compose_file_is_valid_with_its_profiles():
     """docker-compose parses the file; the profiles have the volume, GPU and replica setup."""
     out = subprocess.run(
-        ["docker-compose", "--profile", "scale", "--profile", "gpu", "config"],
+        ["docker-compose", "--profile", "scale", "--profile", "gpu", "--profile", "ray", "config"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -96,6 +96,25 @@ def test_compose_file_is_valid_with_its_profiles():
     assert any(
         v.endswith("deploy/nginx.conf:/etc/nginx/nginx.conf:ro") for v in s["nginx"]["volumes"]
     )
+    # ray: a head that runs the server on the cluster it starts, workers that join it, one
+    # image with Ray in it, one data volume (the workers' read-only), no port or volume shared
+    # with the plain server (a second writer would be refused the data dir's lock)
+    head, worker = s["ray-head"], s["ray-worker"]
+    start = " ".join(head["entrypoint"] + head["command"])
+    assert "ray start --head --port=6379" in start
+    assert "exec vqsearch serve --ray auto" in start
+    assert worker["entrypoint"] + worker["command"][:2] == [
+        "ray", "start", "--address=ray-head:6379"
+    ]  # fmt: skip
+    assert "--block" in worker["command"]
+    assert head["build"]["args"]["WITH_RAY"] == worker["build"]["args"]["WITH_RAY"] == "1"
+    assert head["image"] == worker["image"]
+    assert head["volumes"] == ["vqsearch-ray-data:/data:rw"]
+    assert worker["volumes"] == ["vqsearch-ray-data:/data:ro"]
+    assert worker["deploy"]["replicas"] == 2
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    published = [p["published"] for svc in ("vqsearch", "ray-head") for p in s[svc]["ports"]]
+    assert len(set(published)) == 2
 
 
 def test_image_entrypoint_and_env_start_the_server_and_shut_down_gracefully(tmp_path):
@@ -234,3 +253,42 @@ def test_nginx_spreads_reads_over_replicas_and_survives_one_dying(tmp_path):
             nginx.stderr.close()
         for s in (primary, *replicas):
             s.stop()
+
+
+def test_kuberay_manifest_runs_the_server_on_the_head_it_starts():
+    """deploy/kuberay.yaml, read as Kubernetes would be given it (no KubeRay CRD schema
+    installs offline, so its shape is checked here): a RayCluster at the pinned Ray version
+    whose head starts Ray and then the server on it, workers on the same volume read-only,
+    settings the server has, and a Service selecting the head."""
+    from vqsearch.service import Settings
+
+    docs = {
+        d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "kuberay.yaml").read_text())
+    }
+    assert set(docs) == {"PersistentVolumeClaim", "RayCluster", "Service"}
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    rc = docs["RayCluster"]
+    assert rc["apiVersion"] == "ray.io/v1"
+    assert rc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    pinned = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert pinned and rc["spec"]["rayVersion"] == pinned.group(1)
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    (c,) = head["containers"]
+    script = " ".join(c["args"])
+    assert "$KUBERAY_GEN_RAY_START_CMD &" in script
+    assert script.index("ray health-check") < script.index("exec vqsearch serve --ray auto")
+    fields = {f"VQSEARCH_{name.upper()}" for name in Settings.model_fields}
+    assert {e["name"] for e in c["env"]} <= fields
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["http"] == 8000
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    claim = {"claimName": "vqsearch-data"}
+    assert head["volumes"] == [{"name": "data", "persistentVolumeClaim": claim}]
+    (workers,) = rc["spec"]["workerGroupSpecs"]
+    wspec = workers["template"]["spec"]
+    assert wspec["volumes"][0]["persistentVolumeClaim"] == {**claim, "readOnly": True}
+    assert wspec["containers"][0]["volumeMounts"][0]["readOnly"] is True
+    assert "$KUBERAY_GEN_RAY_START_CMD" in " ".join(wspec["containers"][0]["args"])
+    assert workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+    svc = docs["Service"]["spec"]
+    assert svc["selector"] == {"ray.io/cluster": rc["metadata"]["name"], "ray.io/node-type": "head"}
+    assert svc["ports"][0]["targetPort"] == "http"

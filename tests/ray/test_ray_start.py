@@ -56,11 +56,13 @@ def _stop(token: str) -> None:
 
 
 @pytest.fixture
-def ray_started() -> Iterator[str]:
-    """`ray start --head` and one `ray start --address` worker on 127.0.0.1: the address."""
+def ray_started() -> Iterator[tuple[str, str]]:
+    """`ray start --head` and one `ray start --address` worker on 127.0.0.1: (the address,
+    the RAY_TMPDIR where the head notes itself as this host's current cluster)."""
     require_loopback_only()
     token, temp = uuid.uuid4().hex, tempfile.mkdtemp(prefix="vqrs", dir="/tmp")
-    env = {**os.environ, TOKEN: token, "RAY_USAGE_STATS_ENABLED": "0"}
+    os.mkdir(os.path.join(temp, "ray"))
+    env = {**os.environ, TOKEN: token, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": temp}
     port = free_port()
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     address = f"127.0.0.1:{port}"
@@ -87,16 +89,21 @@ def ray_started() -> Iterator[str]:
             capture_output=True,
             timeout=120,
         )
-        yield address
+        yield address, temp
     finally:
         _stop(token)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_serve_on_a_started_cluster(ray_started: str, tmp_path: Path, rng) -> None:
+@pytest.mark.parametrize("how", ["HOST:PORT", "auto"])
+def test_serve_on_a_started_cluster(ray_started: tuple[str, str], how, tmp_path: Path, rng) -> None:
+    """`--ray HOST:PORT`, and `--ray auto` (the cluster this host's head started, as the
+    compose file and the KubeRay manifest run it)."""
     xb = clustered(rng, 500)
     xq = queries(rng, xb)
-    srv = Server(tmp_path / "data", args=["--ray", ray_started]).start()
+    address, temp = ray_started
+    arg = address if how == "HOST:PORT" else "auto"
+    srv = Server(tmp_path / "data", args=["--ray", arg], RAY_TMPDIR=temp).start()
     try:
         with Client(srv.url) as c:
             info = c.create_bank("cb", xb, shards=2)

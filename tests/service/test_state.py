@@ -306,3 +306,35 @@ def test_compaction_runs_after_the_write_and_keeps_what_was_written_meanwhile(
     np.testing.assert_array_equal(b.bank.vectors(), vectors)
     assert not list((tmp_path / "banks" / "b").glob("compact-*"))
     again.close()
+
+
+def test_a_sharded_bank_the_cluster_cannot_place_is_not_kept(tmp_path: Path):
+    """Placing the shards fails (the cluster went away): the create is refused with that
+    error, nothing of the bank stays on disk, and the same name can be created again."""
+    from vqsearch.service import ShardsUnavailableError
+
+    class Flaky:
+        fail = True
+
+        def __call__(self, path, n, metric):
+            if self.fail:
+                raise ShardsUnavailableError("no cluster")
+            return Placed(n)
+
+    class Placed:
+        def __init__(self, n):
+            self.n = n
+
+        def close(self):
+            pass
+
+    placement = Flaky()
+    reg = _registry(tmp_path / "data", placement=placement)
+    with pytest.raises(ShardsUnavailableError, match="no cluster"):
+        reg.create("s", 4, "l2", CODEBOOK[:10, :4].copy(), None, shards=2)
+    assert "s" not in reg.entries
+    assert not (tmp_path / "data" / "banks" / "s").exists()
+    placement.fail = False
+    entry = reg.create("s", 4, "l2", CODEBOOK[:10, :4].copy(), None, shards=2)
+    assert entry.placed is not None and entry.bank.ntotal == 10
+    assert [p.name for p in (tmp_path / "data" / "banks").iterdir()] == ["s"]

@@ -97,7 +97,10 @@ class Cluster:
         return cls(num_gpus, timeout, owns)
 
     def __call__(self, path: Path, n: int, metric: str) -> RayShards:
-        return RayShards(path, n, metric, self.num_gpus, self.timeout)
+        try:
+            return RayShards(path, n, metric, self.num_gpus, self.timeout)
+        except rx.RayError as exc:
+            raise ShardsUnavailableError(f"the cluster cannot place {n} shards: {exc}") from exc
 
     def close(self) -> None:
         if self.owns:

@@ -191,7 +191,14 @@ class Registry:
                 shutil.rmtree(tmp, ignore_errors=True)
             bank = Bank.open(self.banks_dir / name, verify=False, auto_compact=False)
             entry = Entry(name, bank, shards=shards)
-            self._place(entry)
+            try:
+                self._place(entry)
+            except BaseException:
+                # not acknowledged: the bank goes, so that the name is free to retry with
+                self.trash.mkdir(exist_ok=True)
+                (self.banks_dir / name).rename(self.trash / f"{name}.{uuid.uuid4().hex}")
+                shutil.rmtree(self.trash, ignore_errors=True)
+                raise
             self._attach(entry)
             self.entries[name] = entry
             return entry
