@@ -207,6 +207,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=["search", "http", "tokenize"],
+        default=None,
+        help="run these parts only (default: all)",
+    )
+    ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "ray_cluster.md"
     )
     args = ap.parse_args()
@@ -233,9 +240,13 @@ def main() -> None:
             c.wait_for_nodes()
             ray.init(address=c.address, logging_level=logging.WARNING, log_to_driver=False)
             lines = [f"# vqsearch on Ray, one host: {cpu()}", ""]
-            lines += sharded_search(tmp, args.rows, rng)
-            lines += http(tmp, c.address, args.seconds, rng)
-            lines += tokenize(tmp, c.address, rng)
+            parts = args.only or ["search", "http", "tokenize"]
+            if "search" in parts:
+                lines += sharded_search(tmp, args.rows, rng)
+            if "http" in parts:
+                lines += http(tmp, c.address, args.seconds, rng)
+            if "tokenize" in parts:
+                lines += tokenize(tmp, c.address, rng)
         finally:
             ray.shutdown()
             c.shutdown()

@@ -123,6 +123,20 @@ def test_a_rerun_finishes_only_what_did_not_finish(tmp_path: Path, rng, capsys):
     assert "0 files to tokenize" in capsys.readouterr().err
 
 
+def test_an_output_inside_the_input_is_not_read_as_latents(tmp_path: Path, rng, capsys):
+    cb = codebook(rng)
+    make_bank(tmp_path / "data", cb, np.arange(len(cb)))
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "z.npy", cb[:9])
+    args = ("--input", tmp_path / "in", "--output", tmp_path / "in" / "codes",
+            "--data-dir", tmp_path / "data")  # fmt: skip
+    assert tokenize(*args) == 0
+    np.save(tmp_path / "in" / "y.npy", cb[3:5])
+    assert tokenize(*args) == 0  # codes/z.npy (int16, 1-d) is not taken for latents
+    assert "1 files to tokenize" in capsys.readouterr().err
+    assert np.load(tmp_path / "in" / "codes" / "y.npy").tolist() == [3, 4]
+
+
 def test_codes_of_another_version_are_not_mixed_in(tmp_path: Path, rng, capsys):
     cb = codebook(rng)
     bank = make_bank(tmp_path / "data", cb, np.arange(len(cb)))

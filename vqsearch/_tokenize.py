@@ -103,9 +103,14 @@ class Plan:
     files: tuple[str, ...]
 
 
-def inputs(src: Path) -> list[str]:
-    """Every .npy and .npz under src, relative to it, sorted."""
-    found = [p for p in src.rglob("*") if p.suffix in (".npy", ".npz") and p.is_file()]
+def inputs(src: Path, dst: Path) -> list[str]:
+    """Every .npy and .npz under src, relative to it, sorted; none under dst (an output
+    directory inside the input one holds codes, not latents)."""
+    found = [
+        p
+        for p in src.rglob("*")
+        if p.suffix in (".npy", ".npz") and p.is_file() and not p.is_relative_to(dst)
+    ]
     return sorted(str(p.relative_to(src)) for p in found)
 
 
@@ -122,7 +127,7 @@ def plan(src: Path, dst: Path, bank: str, coder: Coder, channel_axis: int | None
                 "or remove it to start again"
             )
     finished = set(done["files"]) if done else set()
-    todo = [f for f in inputs(src) if f not in finished or not (dst / f).is_file()]
+    todo = [f for f in inputs(src, dst) if f not in finished or not (dst / f).is_file()]
     return Plan(src, dst, bank, coder.version, dtype, channel_axis, tuple(todo))
 
 

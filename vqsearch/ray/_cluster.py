@@ -4,6 +4,8 @@ that places them (`Cluster`, the service's `Placement`)."""
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from ._shard import BankShard
 # Ray's errors that mean "this shard cannot answer now": its process or node died (it is
 # restarting), it is unreachable, or it took too long. Never a partial answer: a 503.
 DOWN = (rx.RayActorError, rx.ActorUnavailableError, rx.GetTimeoutError, rx.ObjectLostError)
+INLINE_BYTES = 100 * 1024  # Ray sends arguments this small inside the call itself
 ASKS = 3  # fan-outs before a search whose shards keep answering at other versions gives up
 
 
@@ -46,7 +49,8 @@ class RayShards:
         """Exact top-k: every shard's float64 top-k, merged by (distance, id), once all the
         shards answer at one version that is the bank's `version()` as asked or as it is
         after they answered (a write landed meanwhile: the answer holds it too)."""
-        ref = ray.put(xq)
+        # one copy in the object store for all the shards, unless Ray would inline it anyway
+        ref = ray.put(xq) if len(xq) * xq.d * 4 > INLINE_BYTES else xq
         want = version()
         for _ in range(ASKS):
             parts = self._ask("search64", ref, k, want)
@@ -93,7 +97,13 @@ class Cluster:
     def connect(cls, address: str, num_gpus: float = 0.0, timeout: float = 30.0) -> Cluster:
         owns = not ray.is_initialized()
         if owns:
+            # ray.init takes over SIGTERM (its handler exits at once); the server's own handler
+            # stops gracefully, letting requests under way finish, then leaves the cluster
+            main = threading.current_thread() is threading.main_thread()
+            term = signal.getsignal(signal.SIGTERM) if main else None
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
         return cls(num_gpus, timeout, owns)
 
     def __call__(self, path: Path, n: int, metric: str) -> RayShards:
