@@ -32,7 +32,7 @@ from _machine import cpu  # bench/ is on sys.path when run as a script
 from load import serve
 from serving import NB as CN
 from serving import D as CD
-from serving import singles
+from serving import best, singles
 
 from vqsearch.__main__ import main as cli
 from vqsearch.client import AsyncClient, Client
@@ -57,15 +57,6 @@ def clustered(rng: np.random.Generator, n: int, d: int, centres: int = 1024) -> 
         m = min(n - i, 1 << 18)
         out[i : i + m] = c[rng.integers(0, centres, m)] + rng.standard_normal((m, d))
     return out
-
-
-def best(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 async def batches(url: str, seconds: float, xq: np.ndarray, clients: int = 2) -> float:
