@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import brute_force
 from tests.service.conftest import Server
+from vqsearch import _tokenize
 from vqsearch.__main__ import main
 from vqsearch.client import Client
 from vqsearch.index import Bank
@@ -68,7 +70,10 @@ def make_bank(data: Path, cb: np.ndarray, ids: np.ndarray) -> Bank:
     return bank
 
 
-def test_in_process_codes_equal_brute_force(tmp_path: Path, rng, capsys):
+@pytest.mark.parametrize("chunk", [1 << 16, 5])
+def test_in_process_codes_equal_brute_force(tmp_path: Path, rng, capsys, monkeypatch, chunk):
+    """Whole files at once, and in slabs of a few vectors (the slabs of a big file)."""
+    monkeypatch.setattr(_tokenize, "CHUNK", chunk)
     cb = codebook(rng)
     ids = np.arange(len(cb))
     make_bank(tmp_path / "data", cb, ids)
@@ -158,6 +163,8 @@ def test_wrong_shapes_fail_that_file_only(tmp_path: Path, rng, capsys):
     (tmp_path / "in").mkdir()
     np.save(tmp_path / "in" / "bad.npy", np.zeros((4, D + 1), np.float32))
     np.save(tmp_path / "in" / "ok.npy", cb[:7])
+    np.save(tmp_path / "in" / "one.npy", cb[5])  # (d,): one vector, one code
+    np.save(tmp_path / "in" / "none.npy", np.zeros((0, 3, D), np.float32))  # empty is valid
     rc = tokenize("--input", tmp_path / "in", "--output", tmp_path / "out",
                   "--data-dir", tmp_path / "data")  # fmt: skip
     assert rc == 1
@@ -165,6 +172,8 @@ def test_wrong_shapes_fail_that_file_only(tmp_path: Path, rng, capsys):
         capsys.readouterr().err
     )
     assert np.load(tmp_path / "out" / "ok.npy").tolist() == list(range(7))
+    assert np.load(tmp_path / "out" / "one.npy").tolist() == 5
+    assert np.load(tmp_path / "out" / "none.npy").shape == (0, 3)
 
 
 def test_unknown_bank_and_missing_input_are_named(tmp_path: Path, capsys):

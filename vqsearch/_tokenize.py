@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -168,21 +169,24 @@ def tokenize_file(p: Plan, rel: str, coder: Coder) -> dict[str, Any]:
 
 def codes_of(z: np.ndarray, coder: Coder, channel_axis: int | None, dtype: str) -> np.ndarray:
     """z (..., d), or with channel_axis c the d channels on axis c -> codes (z's shape less
-    that axis), searched CHUNK vectors at a time."""
+    that axis), searched in slabs of the first axis of about CHUNK vectors: only a slab is
+    ever copied out of a memory-mapped file."""
     if z.ndim == 0:
         raise ValueError("a 0-d array holds no vectors")
     axis = z.ndim - 1 if channel_axis is None else channel_axis
     if not -z.ndim <= axis < z.ndim:
         raise ValueError(f"channel axis {channel_axis} is out of range for shape {z.shape}")
-    z = np.moveaxis(z, axis, -1)
+    z = np.moveaxis(z, axis, -1)  # a view
     if z.shape[-1] != coder.d:
         raise ValueError(f"shape {z.shape}: {z.shape[-1]} channels, the bank has d = {coder.d}")
-    lead = z.shape[:-1]
-    flat = z.reshape(-1, coder.d)
-    out = np.empty(len(flat), dtype)
-    for i in range(0, len(flat), CHUNK):
-        out[i : i + CHUNK] = coder(np.ascontiguousarray(flat[i : i + CHUNK]))
-    return out.reshape(lead)
+    if z.ndim == 1:
+        return coder(np.ascontiguousarray(z[None]))[0].astype(dtype).reshape(())
+    out = np.empty(z.shape[:-1], dtype)
+    per = max(1, CHUNK // max(1, math.prod(z.shape[1:-1])))
+    for i in range(0, len(z), per):
+        slab = np.ascontiguousarray(z[i : i + per])
+        out[i : i + per] = coder(slab.reshape(-1, coder.d)).reshape(slab.shape[:-1])
+    return out
 
 
 class Manifest:
