@@ -59,6 +59,29 @@ def test_shards_partition_the_live_rows_by_id_after_writes(rng):
     assert set(added.tolist()) <= set(held.tolist())
 
 
+def test_a_shard_read_again_after_writes_copies_only_new_segments(tmp_path, rng):
+    """`shard(reuse=)`: the same rows and answers as a shard made afresh, the segments it
+    already held shared, not copied again; deletes seen in rows it reused."""
+    xb = _bank("l2", rng)[1]
+    bank = Bank.create(tmp_path / "b", 24, "l2")
+    bank.add(xb[:300])
+    first = Bank.open(tmp_path / "b", writable=False).shard(1, 2)
+    bank.add(xb[300:], ids=np.arange(1000, 1300))
+    bank.remove(np.arange(1, 300, 4))  # rows of the first segment, some on shard 1
+    again = Bank.open(tmp_path / "b", writable=False)
+    reread, fresh = again.shard(1, 2, reuse=first), again.shard(1, 2)
+    old, new = first._state.segments[0], reread._state.segments[0]
+    assert new is old and np.shares_memory(new.vectors, old.vectors)
+    assert not np.shares_memory(reread._state.segments[1].vectors, again._state.segments[1].vectors)
+    np.testing.assert_array_equal(np.sort(reread.ids()), np.sort(fresh.ids()))
+    assert not set(range(1, 300, 4)) & set(reread.ids().tolist())
+    xq = xb[::7] + 0.01
+    for k in (1, 5):
+        np.testing.assert_array_equal(reread.search64(xq, k)[1], fresh.search64(xq, k)[1])
+        np.testing.assert_array_equal(reread.search64(xq, k)[0], fresh.search64(xq, k)[0])
+    assert reread.version == fresh.version == again.version
+
+
 def test_a_shard_smaller_than_k_answers_what_it_holds(rng):
     bank = Bank(4)
     bank.add(rng.standard_normal((5, 4)).astype(np.float32), ids=np.array([0, 3, 6, 1, 9]))

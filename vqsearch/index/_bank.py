@@ -300,25 +300,37 @@ class Bank:
             return np.empty((len(x), 0), np.float64), np.empty((len(x), 0), np.int64)
         return tuple(to_host(*self._exact(x, k, device, precision)))  # type: ignore[return-value]
 
-    def shard(self, s: int, n: int) -> Bank:
+    def shard(self, s: int, n: int, reuse: Bank | None = None) -> Bank:
         """Shard s of n: a bank in memory (a snapshot: writes to it change it alone) holding
-        the live rows whose id % n == s, their float32 values as stored (not normalised
-        again), at this bank's version. An id always lands on the same shard, whatever was
-        appended or removed before."""
+        the rows whose id % n == s, their float32 values as stored (not normalised again),
+        dead where they are dead here, at this bank's version. An id always lands on the
+        same shard, whatever was appended or removed before.
+
+        reuse: an earlier shard s of n of this bank; its copies of the segments both have
+        are taken as they are (segments never change once written), so reading a bank
+        again after a write copies only the new segments' rows."""
         if not 0 <= s < n:
             raise RankError(f"shard {s} of {n}: need 0 <= shard < shards")
         state = self._state
-        segs = []
+        held = {g.content: g for g in reuse._state.segments} if reuse is not None else {}
+        segs, dead = [], []
         for i, seg in enumerate(state.segments):
             off = int(state.offsets[i])
-            keep = ~state.dead[off : off + len(seg.ids)] & (seg.ids % n == s)
-            if keep.any():
-                vec, ids = np.ascontiguousarray(seg.vectors[keep]), seg.ids[keep]
-                segs.append(Segment(seg.name, vec, ids, content_sha(vec, ids)))
+            mine = seg.ids % n == s
+            if not mine.any():
+                continue
+            # a shard's segment is named by its source's content and the shard: the same
+            # source rows, the same shard rows
+            key = f"{seg.content}:{s}/{n}"
+            got = held.get(key)
+            if got is None:
+                vec = np.ascontiguousarray(seg.vectors[mine])
+                got = Segment(seg.name, vec, seg.ids[mine], key)
+            segs.append(got)
+            dead.append(state.dead[off : off + len(seg.ids)][mine])
         out = Bank(self.d, self._metric, auto_compact=False)
-        rows = sum(len(g.ids) for g in segs)
-        dead = np.zeros(rows, bool)
-        out._state = State(self.d, tuple(segs), dead, state.generation, stamp=state.version)
+        rows = np.concatenate(dead) if dead else np.zeros(0, bool)
+        out._state = State(self.d, tuple(segs), rows, state.generation, stamp=state.version)
         return out
 
     def nearest(

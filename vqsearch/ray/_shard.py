@@ -28,7 +28,7 @@ class BankShard:
         # a write do not hash the whole bank again: the writer hashed each file as it wrote
         # it, and names it in a manifest only once it is whole on disk.
         bank = Bank.open(self.path, verify=verify, writable=False, auto_compact=False)
-        return bank.shard(self.s, self.n)
+        return bank.shard(self.s, self.n, reuse=getattr(self, "bank", None))
 
     def _reload(self) -> None:
         # One read that succeeds is the directory as it is: the server acknowledges a version
