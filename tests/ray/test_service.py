@@ -95,3 +95,43 @@ async def test_a_sharded_bank_without_the_cluster_is_served_whole(cluster, tmp_p
             got[settings.ray_address] = r.json()
             assert (await c.get("/v1/banks/s")).json()["shards"] == 2
     assert got[cluster.address] == got[None]
+
+
+async def test_index_tradeoff_and_usage_work_on_a_sharded_bank(cluster, tmp_path: Path, rng):
+    """The routes beyond exact search: an approximate index (built, for now, over the whole
+    bank on the server), approximate answers equal to a whole bank's with the same index, a
+    tradeoff sweep (measured, for now, on the server's copy of the whole bank), code usage."""
+    from tests.service.test_api import _wait_index
+    from tests.service.test_tradeoff_api import FAST, _wait
+
+    xb = clustered(rng, 600)
+    xq = queries(rng, xb)
+    settings = _settings(cluster, tmp_path / "data").model_copy(update={"usage_window": 4096})
+    async with app_client(settings) as c:
+        approx = {}
+        for name, shards in (("whole", ""), ("sharded", "?shards=2")):
+            r = await c.put(f"/v1/banks/{name}{shards}", json={"vectors": xb.tolist()})
+            assert r.status_code == 201, r.text
+            r = await c.put(f"/v1/banks/{name}/index", json={"spec": "PQ12x4fs,RFlat"})
+            assert r.status_code == 202, r.text
+            assert (await _wait_index(c, name))["state"] == "ready"
+            r = await c.post(
+                f"/v1/banks/{name}/search?mode=approx", json={"queries": xq.tolist(), "k": 4}
+            )
+            assert r.status_code == 200, r.text
+            approx[name] = (r.json()["ids"], r.json()["distances"])
+        assert approx["sharded"] == approx["whole"]
+
+        r = await c.post("/v1/banks/sharded/tradeoff", json=FAST)
+        assert r.status_code == 202, r.text
+        job = await _wait(c, "sharded")
+        assert job["state"] == "done", job
+        points = job["report"]["points"]
+        assert [p["recall_1_at_1"] for p in points if p["spec"] == "exact"] == [1.0]
+        assert any(p["spec"] == "PQ12x4fs,RFlat" for p in points)
+
+        r = await c.post("/v1/banks/sharded/nearest", json={"queries": xb[:50].tolist()})
+        assert r.status_code == 200, r.text
+        r = await c.get("/v1/banks/sharded/usage")
+        assert r.status_code == 200, r.text
+        assert sum(r.json()["counts"]) == 50
