@@ -75,12 +75,20 @@ class State:
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Rows of the given live ids; raises UnknownIdError naming the missing ones."""
-        sorted_ids, rows = self._index
-        pos = np.searchsorted(sorted_ids, ids).clip(0, max(len(sorted_ids) - 1, 0))
-        found = (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+        rows, found = self.rows_where(ids)
         if not found.all():
             raise UnknownIdError(f"unknown ids: {ids[~found][:10].tolist()}")
-        return rows[pos]
+        return rows
+
+    def rows_where(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, found) for ids (n,): the row of each live id, 0 where found is False (an id
+        never added, deleted, or -1)."""
+        sorted_ids, rows = self._index
+        if not len(sorted_ids):
+            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        pos = np.searchsorted(sorted_ids, ids).clip(0, len(sorted_ids) - 1)
+        found = sorted_ids[pos] == ids
+        return np.where(found, rows[pos], 0), found
 
     def blocks(self, bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
         any_dead = bool(self.dead.any())

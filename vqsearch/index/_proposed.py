@@ -1,0 +1,71 @@
+"""Approximate search with exact distances: a compressed index proposes, the bank decides.
+
+The index (PQ, IVF-PQ, OPQ, fast-scan: codes only, no `RFlat` copy of the vectors) proposes
+ceil(k x k_factor) ids per query. Each one the bank still holds is scored by the metric's
+float64 formula from the bank's own rows (its memory-mapped segments, read at the candidates'
+rows only), and the k best by (distance, id) are returned. So every distance returned is the
+exact distance of its id, ties go to the lowest id, and the recall lost is only in which ids
+were proposed. Ids the index holds but the bank no longer does (deleted since the build) are
+never returned.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from ._errors import InvalidInputError
+from ._rerank import rerank
+from ._validate import Queries, check_k
+
+if TYPE_CHECKING:
+    from ._bank import Bank
+
+
+class Proposer(Protocol):
+    """What proposes candidates: an `ApproxIndex` (its `search`, on validated queries)."""
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def search(
+        self, xq: Any, k: int, nprobe: int | None = None, k_factor: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def search_proposed(
+    bank: Bank,
+    index: Proposer,
+    xq: Any,
+    k: int,
+    k_factor: float = 4.0,
+    nprobe: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """xq (nq, d) -> D (nq, k) as `Bank.search` reports it, I (nq, k) ids: the k best of the
+    candidates `index` proposes, by exact float64 distance from `bank`'s rows. Where fewer
+    than k live candidates came back, I is -1 and D is inf (l2) or -inf (ip, cosine)."""
+    if isinstance(k_factor, bool) or not (
+        isinstance(k_factor, (int, float)) and 1 <= k_factor <= 1024
+    ):
+        raise InvalidInputError(f"k_factor must be a number in [1, 1024]; got {k_factor!r}")
+    state, metric = bank._state, bank._metric
+    x = bank._queries(xq)  # the rows as given: scored as Bank.search scores them
+    k = check_k(k, index.ntotal)
+    kk = min(index.ntotal, math.ceil(k * k_factor))
+    _, C = index.search(Queries.of(x, bank.d, metric), kk, nprobe=nprobe)
+    rows, live = state.rows_where(C.reshape(-1))
+    shape = C.shape
+    D, I = rerank(
+        x.cpu(),
+        None,
+        torch.from_numpy(rows.reshape(shape)),
+        torch.from_numpy(~live.reshape(shape)),
+        state,
+        metric,
+        k,
+    )
+    I[torch.isinf(D)] = -1  # a deleted or absent candidate's slot
+    return metric.reported(D).numpy(), I.numpy()
