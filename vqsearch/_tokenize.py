@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,6 +103,15 @@ class Plan:
     channel_axis: int | None
     files: tuple[str, ...]
 
+    def header(self) -> dict[str, Any]:
+        """What the manifest says made the codes; a rerun must match it."""
+        return {
+            "bank": self.bank,
+            "version": self.version,
+            "dtype": self.dtype,
+            "channel_axis": self.channel_axis,
+        }
+
 
 def inputs(src: Path, dst: Path) -> list[str]:
     """Every .npy and .npz under src, relative to it, sorted; none under dst (an output
@@ -118,8 +127,8 @@ def inputs(src: Path, dst: Path) -> list[str]:
 def plan(src: Path, dst: Path, bank: str, coder: Coder, channel_axis: int | None) -> Plan:
     """The files still to do; TokenizeError when dst holds codes made another way."""
     dtype = codes_dtype(coder.max_id).name
-    want = {"bank": bank, "version": coder.version, "dtype": dtype, "channel_axis": channel_axis}
-    done = read_manifest(dst)
+    p = Plan(src, dst, bank, coder.version, dtype, channel_axis, ())
+    want, done = p.header(), read_manifest(dst)
     if done is not None:
         have = {key: done.get(key) for key in want}
         if have != want:
@@ -129,7 +138,7 @@ def plan(src: Path, dst: Path, bank: str, coder: Coder, channel_axis: int | None
             )
     finished = set(done["files"]) if done else set()
     todo = [f for f in inputs(src, dst) if f not in finished or not (dst / f).is_file()]
-    return Plan(src, dst, bank, coder.version, dtype, channel_axis, tuple(todo))
+    return replace(p, files=tuple(todo))
 
 
 def read_manifest(dst: Path) -> dict[str, Any] | None:
@@ -195,13 +204,7 @@ class Manifest:
     def __init__(self, p: Plan) -> None:
         self.path = p.dst / MANIFEST
         old = read_manifest(p.dst)
-        self.doc = {
-            "bank": p.bank,
-            "version": p.version,
-            "dtype": p.dtype,
-            "channel_axis": p.channel_axis,
-            "files": old["files"] if old else {},
-        }
+        self.doc = p.header() | {"files": old["files"] if old else {}}
         p.dst.mkdir(parents=True, exist_ok=True)
         self._write()
 

@@ -17,7 +17,16 @@ import numpy as np
 
 from . import _storage as st
 from ._errors import CorruptBankError, FactoryStringError, InvalidInputError
-from ._validate import Metric, MetricName, Queries, as_matrix, check_k, check_metric, normalize
+from ._validate import (
+    Metric,
+    MetricName,
+    Queries,
+    as_matrix,
+    check_k,
+    check_k_factor,
+    check_metric,
+    normalize,
+)
 
 TRAIN_SIZE = 100_000
 DEFAULT_K_FACTOR = 4.0
@@ -246,8 +255,7 @@ class ApproxIndex:
         k_factor = self.k_factor if k_factor is None else k_factor
         if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
             raise InvalidInputError(f"nprobe must be an integer >= 1; got {nprobe!r}")
-        if not (isinstance(k_factor, (int, float)) and 1 <= k_factor <= 1024):
-            raise InvalidInputError(f"k_factor must be a number in [1, 1024]; got {k_factor!r}")
+        k_factor = check_k_factor(k_factor)
         keep: list[Any] = []
         params = _search_params(self.index, nprobe, k_factor, keep)
         D, I = self.index.search(np.ascontiguousarray(x.cpu().numpy()), k, params=params)

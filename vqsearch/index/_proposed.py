@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from ._errors import InvalidInputError
 from ._rerank import rerank
-from ._validate import Queries, check_k
+from ._validate import Queries, check_k, check_k_factor
 
 if TYPE_CHECKING:
     from ._bank import Bank
@@ -47,10 +46,7 @@ def search_proposed(
     """xq (nq, d) -> D (nq, k) as `Bank.search` reports it, I (nq, k) ids: the k best of the
     candidates `index` proposes, by exact float64 distance from `bank`'s rows. Where fewer
     than k live candidates came back, I is -1 and D is inf (l2) or -inf (ip, cosine)."""
-    if isinstance(k_factor, bool) or not (
-        isinstance(k_factor, (int, float)) and 1 <= k_factor <= 1024
-    ):
-        raise InvalidInputError(f"k_factor must be a number in [1, 1024]; got {k_factor!r}")
+    k_factor = check_k_factor(k_factor)
     state, metric = bank._state, bank._metric
     x = bank._queries(xq)  # the rows as given: scored as Bank.search scores them
     k = check_k(k, index.ntotal)

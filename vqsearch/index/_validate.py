@@ -13,6 +13,7 @@ import torch
 from ._errors import (
     DimensionError,
     DTypeError,
+    InvalidInputError,
     KOutOfRangeError,
     NonFiniteError,
     RankError,
@@ -102,6 +103,15 @@ def check_k(k: Any, nb: int) -> int:
     if not 1 <= int(k) <= nb:
         raise KOutOfRangeError(f"k={k} is out of range: need 1 <= k <= nb={nb}")
     return int(k)
+
+
+def check_k_factor(k_factor: Any) -> float:
+    """A re-ranking shortlist's size over k: a number in [1, 1024] (not a bool)."""
+    if isinstance(k_factor, bool) or not (
+        isinstance(k_factor, (int, float)) and 1 <= k_factor <= 1024
+    ):
+        raise InvalidInputError(f"k_factor must be a number in [1, 1024]; got {k_factor!r}")
+    return float(k_factor)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -23,12 +23,12 @@ class BankShard:
         self.path, self.s, self.n = Path(path), s, n
         self.bank = self._load(verify=True)
 
-    def _load(self, verify: bool = False) -> Bank:
+    def _load(self, verify: bool = False, reuse: Bank | None = None) -> Bank:
         # A (re)started shard checks every file against its manifest's checksum; reloads after
         # a write do not hash the whole bank again: the writer hashed each file as it wrote
         # it, and names it in a manifest only once it is whole on disk.
         bank = Bank.open(self.path, verify=verify, writable=False, auto_compact=False)
-        return bank.shard(self.s, self.n, reuse=getattr(self, "bank", None))
+        return bank.shard(self.s, self.n, reuse=reuse)
 
     def _reload(self) -> None:
         # One read that succeeds is the directory as it is: the server acknowledges a version
@@ -36,7 +36,7 @@ class BankShard:
         # caller compares versions (`RayShards.search`).
         for attempt in range(RELOADS):
             try:
-                self.bank = self._load()
+                self.bank = self._load(reuse=self.bank)
                 return
             except (VQSearchError, OSError):  # a compaction removed a file the manifest named
                 time.sleep(0.05 * (attempt + 1))

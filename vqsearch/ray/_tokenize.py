@@ -5,7 +5,6 @@ write their outputs themselves; this process records them in the manifest as the
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,8 @@ import numpy as np
 import ray
 
 from vqsearch._tokenize import BankCoder, Outcome, Plan, run_local
+
+from ._cluster import Cluster
 
 
 class _Tokenizer:
@@ -42,9 +43,7 @@ def tokenize_on_ray(address: str, plan: Plan, data_dir: Path) -> Iterator[Outcom
     storage every node sees."""
     if not plan.files:
         return
-    owns = not ray.is_initialized()
-    if owns:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    cluster = Cluster.connect(address)
     try:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         ds = ray.data.from_items(
@@ -62,5 +61,4 @@ def tokenize_on_ray(address: str, plan: Plan, data_dir: Path) -> Iterator[Outcom
             entry = json.loads(row["entry"]) if row["entry"] else None
             yield str(row["file"]), entry, str(row["error"]) or None
     finally:
-        if owns:
-            ray.shutdown()
+        cluster.close()

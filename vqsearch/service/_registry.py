@@ -195,13 +195,17 @@ class Registry:
                 self._place(entry)
             except BaseException:
                 # not acknowledged: the bank goes, so that the name is free to retry with
-                self.trash.mkdir(exist_ok=True)
-                (self.banks_dir / name).rename(self.trash / f"{name}.{uuid.uuid4().hex}")
+                self._to_trash(self.banks_dir / name, name)
                 shutil.rmtree(self.trash, ignore_errors=True)
                 raise
             self._attach(entry)
             self.entries[name] = entry
             return entry
+
+    def _to_trash(self, path: Path, name: str) -> None:
+        """One rename takes a bank's directory out of banks/: a crash leaves it whole or gone."""
+        self.trash.mkdir(exist_ok=True)
+        path.rename(self.trash / f"{name}.{uuid.uuid4().hex}")
 
     def delete(self, name: str) -> None:
         """Under the entry's lock: no write of the bank is under way, and every later one
@@ -211,9 +215,8 @@ class Registry:
         with self._lock:
             entry = self.get(name)
             with entry.lock:
-                self.trash.mkdir(exist_ok=True)
                 assert entry.bank.path is not None
-                entry.bank.path.rename(self.trash / f"{name}.{uuid.uuid4().hex}")
+                self._to_trash(entry.bank.path, name)
                 entry.dead, entry.index = True, None
                 del self.entries[name]
                 if entry.placed is not None:
