@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +136,57 @@ def test_append_writes_only_a_new_segment(tmp_path, rng):
     after = first.stat()
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
     assert bank.num_segments == 2
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_bank_keeps_its_rows_when_the_caller_reuses_its_array(tmp_path, rng, on_disk):
+    """`add` takes the rows, not the caller's buffer: overwriting the array after the call
+    (a loader reusing one batch buffer) changes nothing in the bank."""
+    bank = Bank.create(tmp_path / "b", 16) if on_disk else Bank(16)
+    x = _vecs(rng, 100)
+    kept = x.copy()
+    bank.add(x)
+    x[:] = 0.0
+    np.testing.assert_array_equal(bank.get(np.arange(100)), kept)
+
+
+_ANON_PROBE = """
+import numpy as np, sys
+from vqsearch.index import Bank
+
+def anon_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+
+bank = Bank.create(sys.argv[1], 64, auto_compact=False)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((65536, 64), dtype=np.float32)  # 16 MiB a batch
+bank.add(x)
+before = anon_mib()
+for _ in range(8):
+    x = rng.standard_normal((65536, 64), dtype=np.float32)
+    bank.add(x)
+del x
+print(anon_mib() - before, all(isinstance(s.vectors, np.memmap) for s in bank._state.segments))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
+def test_appended_rows_are_read_from_their_file_not_held_in_anonymous_memory(tmp_path):
+    """After an append is durable its rows are served from the segment file (page cache, which
+    the kernel can evict), so a bank growing by appends does not grow the process's anonymous
+    memory by its size: 128 MiB appended here, against the 16 MiB a batch needs in flight."""
+    out = subprocess.run(
+        [sys.executable, "-c", _ANON_PROBE, str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    growth, mapped = float(out[0]), out[1] == "True"
+    assert mapped
+    assert growth < 48, f"anonymous memory grew {growth:.0f} MiB over 128 MiB of appends"
 
 
 def test_compaction_folds_segments_and_keeps_content(tmp_path, rng):

@@ -149,11 +149,16 @@ class Bank:
             segs = []
             for s in state.segments:
                 if not s.files:
+                    vpath = self.path / f"{s.name}.vectors.npy"
                     files = {
-                        "vectors": st.write_array(self.path / f"{s.name}.vectors.npy", s.vectors),
+                        "vectors": st.write_array(vpath, s.vectors),
                         "ids": st.write_array(self.path / f"{s.name}.ids.npy", s.ids),
                     }
-                    s = Segment(s.name, s.vectors, s.ids, s.content, files)
+                    # from now on the rows are read from the file (page cache, which the
+                    # kernel may evict), not from the writer's copy in anonymous memory:
+                    # otherwise every append since the last compaction stays resident
+                    vec = st.read_array(vpath, files["vectors"], s.vectors.shape, "float32", False)
+                    s = Segment(s.name, vec, s.ids, s.content, files)
                 segs.append(s)
             tomb = None
             dead_rows = np.flatnonzero(state.dead).astype(np.int64)
@@ -348,7 +353,9 @@ class Bank:
         x = as_matrix(xb, "xb", self.d)
         if self._metric.unit:
             x = normalize(x, "xb")
-        vec = x.cpu().numpy()
+        vec = x.cpu().numpy()  # may be the caller's own buffer (as_matrix copies only to convert)
+        if self.path is None:
+            vec = vec.copy()  # a bank in memory keeps its rows; a bank on disk maps its file
         with self._lock:
             state = self._state
             if ids is None:

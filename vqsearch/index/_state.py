@@ -152,6 +152,7 @@ class State:
 
 
 def content_sha(vectors: np.ndarray, ids: np.ndarray) -> str:
-    h = hashlib.sha256(np.ascontiguousarray(vectors).tobytes())
-    h.update(np.ascontiguousarray(ids).tobytes())
+    # the buffers themselves (hashlib reads any C-contiguous buffer): no copy of the rows
+    h = hashlib.sha256(np.ascontiguousarray(vectors).data)
+    h.update(np.ascontiguousarray(ids).data)
     return h.hexdigest()
