@@ -15,6 +15,7 @@ from faiss.contrib.datasets import SyntheticDataset
 
 from vqsearch.index import (
     ApproxIndex,
+    Bank,
     CorruptBankError,
     DimensionError,
     FactoryStringError,
@@ -23,6 +24,7 @@ from vqsearch.index import (
     k_recall_at_k,
     knn,
     one_recall_at,
+    search_index,
 )
 
 
@@ -40,13 +42,61 @@ def truth(data):
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
 def test_default_spec_recall(data, truth, metric):
-    """The default spec reaches 1-recall@1 >= 0.90 and 10-recall@10 >= 0.85 for every metric."""
+    """The default spec (codes only, no RFlat copy), served as the service serves it (the bank
+    re-ranks the shortlist), reaches 1-recall@1 >= 0.90 and 10-recall@10 >= 0.85."""
     xb, xq = data
-    idx = ApproxIndex.build(xb, metric=metric)
-    assert idx.spec == default_spec(10000, 32) == "IVF128,PQ16x4fs,RFlat"
-    _, I = idx.search(xq, 10)
+    bank = Bank(32, metric)
+    bank.add(xb)
+    idx = ApproxIndex.build(bank)
+    assert idx.spec == default_spec(10000, 32) == "IVF128,PQ16x4fs"
+    assert not idx.has_refine
+    _, I = search_index(bank, idx, xq, 10)
     assert one_recall_at(I, truth[metric], 1) >= 0.90
     assert k_recall_at_k(I, truth[metric]) >= 0.85
+
+
+def test_default_spec_fits_its_memory_budget():
+    """With a budget, the largest m whose codes and ids (m / 2 + 8 bytes a vector) fit it."""
+    assert default_spec(16_000_000, 128) == "IVF4096,PQ64x4fs"
+    assert default_spec(16_000_000, 128, budget_bytes=16_000_000 * 40) == "IVF4096,PQ64x4fs"
+    assert default_spec(16_000_000, 128, budget_bytes=16_000_000 * 40 - 1) == "IVF4096,PQ32x4fs"
+    assert default_spec(1000, 96, budget_bytes=1000 * 20) == "PQ24x4fs"  # 24 divides 96
+    assert default_spec(1000, 128, budget_bytes=1) == "PQ1x4fs"  # none fits: the smallest
+    assert default_spec(1000, 7) == "PQ7x4fs"
+
+
+def test_a_build_from_a_bank_reads_its_live_rows_only(rng):
+    """Built from a bank (its segments read block by block), an index holds the live rows with
+    their ids and metric: the same codes as a build from those rows as a matrix."""
+    xb = rng.standard_normal((3000, 16)).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int64) * 7 + 3
+    bank = Bank(16, "cosine")
+    for a in range(0, 3000, 1000):  # three segments
+        bank.add(xb[a : a + 1000], ids[a : a + 1000])
+    gone = ids[::5]
+    bank.remove(gone)
+    from_bank = ApproxIndex.build(bank, spec="IVF16,PQ8x4fs")
+    from_rows = ApproxIndex.build(bank.vectors(), bank.ids(), "cosine", "IVF16,PQ8x4fs")
+    assert from_bank.ntotal == bank.ntotal == 2400 and from_bank.metric == "cosine"
+    xq = rng.standard_normal((50, 16)).astype(np.float32)
+    for a, b in zip(from_bank.search(xq, 20), from_rows.search(xq, 20), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.isin(from_bank.search(xq, 50)[1], gone).any()
+    with pytest.raises(InvalidInputError, match="own ids"):
+        ApproxIndex.build(bank, ids)
+    with pytest.raises(InvalidInputError, match="metric is cosine"):
+        ApproxIndex.build(bank, metric="l2")
+
+
+def test_index_bytes_are_its_serialised_size(tmp_path, data):
+    """nbytes counts what the index holds (no RFlat: about m / 2 + 8 bytes a vector)."""
+    xb, _ = data
+    idx = ApproxIndex.build(xb, spec="IVF16,PQ16x4fs")
+    assert idx.nbytes == faiss.serialize_index(idx.index).size
+    assert 16 / 2 + 8 <= idx.nbytes / idx.ntotal < 16 / 2 + 8 + 2
+    idx.save(tmp_path / "i.faiss")
+    again = ApproxIndex.load(tmp_path / "i.faiss")
+    assert again.nbytes == idx.nbytes == (tmp_path / "i.faiss").stat().st_size
 
 
 @pytest.mark.parametrize(

@@ -277,6 +277,43 @@ async def test_index_build_approx_search_and_staleness(api, rng):
     assert info["bank_version"] == (await api.get("/v1/banks/cb")).json()["version"]
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+async def test_default_index_is_codes_only_and_the_bank_reranks_exactly(settings, rng, metric):
+    """With no spec the index holds 4-bit codes only; mode=approx scores its shortlist from
+    the bank's rows, so every distance is the float64 distance of its id (as mode=exact
+    reports it), deleted ids never come back, and the info says what the index costs."""
+    xb = rng.standard_normal((2000, 16)).astype(np.float32)
+    async with app_client(settings) as api:
+        await api.put("/v1/banks/big", json={"vectors": xb.tolist(), "metric": metric})
+        gone = list(range(0, 2000, 7))
+        await api.request("DELETE", "/v1/banks/big/vectors", json={"ids": gone})
+        r = await api.put("/v1/banks/big/index")
+        assert r.status_code == 202 and r.json()["spec"] == "PQ8x4fs"
+        info = await _wait_index(api, "big")
+        assert info["rerank"] == "bank" and info["ntotal"] == 2000 - len(gone)
+        assert 8 / 2 + 8 <= info["bytes_per_vector"] < 16 and info["bytes"] > 0
+        bank = (await api.get("/v1/banks/big")).json()
+        assert bank["bytes_on_disk"] >= bank["bytes"] + info["bytes"]
+        await api.request("DELETE", "/v1/banks/big/vectors", json={"ids": [1, 2, 3]})
+        xq = rng.standard_normal((40, 16)).astype(np.float32)
+        # the write made the index stale; this server rebuilds it, so wait for that
+        await _wait_index(api, "big")
+        res = await api.post(
+            "/v1/banks/big/search?mode=approx&k=5&k_factor=2", json={"queries": xq.tolist()}
+        )
+        assert res.status_code == 200
+        assert res.headers["x-vqsearch-setting"] == "PQ8x4fs;k_factor=2.0"
+        D, I = np.array(res.json()["distances"]), np.array(res.json()["ids"])
+    assert not np.isin(I, [*gone, 1, 2, 3]).any()
+    q64, b64 = xq.astype(np.float64)[:, None, :], xb.astype(np.float64)[I]  # (40, 1, d), (40, 5, d)
+    if metric == "l2":
+        want = ((q64 - b64) ** 2).sum(-1)
+    else:
+        want = (q64 * b64).sum(-1) / np.linalg.norm(q64, axis=-1) / np.linalg.norm(b64, axis=-1)
+    np.testing.assert_allclose(D, want, rtol=1e-6, atol=1e-6)  # float64 rounded to float32
+    assert (np.diff(D, axis=1) >= 0).all() if metric == "l2" else (np.diff(D, axis=1) <= 0).all()
+
+
 async def test_restart_keeps_banks_and_index(settings, rng):
     """A new app on the same data dir serves the same banks, versions and ready index."""
     async with app_client(settings) as a:

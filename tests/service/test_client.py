@@ -293,7 +293,7 @@ async def test_results_are_typed_and_model_every_field_the_server_sends(client):
     assert res.distances.dtype == np.float32 and res.ids[:, 0].tolist() == [0, 1, 2]
     assert res.version == ready.version and res.setting == "exact"
     approx = await client.search("cb", CODEBOOK[:3], k=2, mode="approx", nprobe=2)
-    assert approx.setting == "IVF8,Flat;nprobe=2" and approx.ids.dtype == np.int64
+    assert approx.setting == "IVF8,Flat;nprobe=2;k_factor=4.0" and approx.ids.dtype == np.int64
     near = await client.nearest("cb", CODEBOOK[:4], return_error=True, codes_dtype="int16")
     assert isinstance(near, NearestResult) and near.codes.tolist() == [0, 1, 2, 3]
     assert near.codes.dtype == np.int16 and near.errors is not None and near.quantized is None

@@ -162,17 +162,19 @@ async def test_messages_name_the_problem(api):
 
 
 async def test_search_parameters_that_do_not_apply_to_the_index(api):
-    """nprobe on an index without IVF and k_factor on one without re-ranking are 422s; the
-    setting header names only what applies, and k_factor is always a float."""
+    """nprobe on an index without IVF is a 422; k_factor applies to every index (RFlat's
+    copy or the bank re-ranks the shortlist); the setting header names only what applies,
+    and k_factor is always a float."""
     q = {"queries": CODEBOOK[:2].tolist()}
     await _index(api, "PQ8x4fs")
     r = await api.post("/v1/banks/cb/search?mode=approx&nprobe=4", json=q)
     assert r.status_code == 422 and "IVF" in r.json()["detail"]
     r = await api.post("/v1/banks/cb/search?mode=approx&k_factor=8", json=q)
-    assert r.status_code == 422 and "re-rank" in r.json()["detail"]
+    assert r.headers["x-vqsearch-setting"] == "PQ8x4fs;k_factor=8.0"
     r = await api.post("/v1/banks/cb/search?mode=approx", json=q)
-    assert r.headers["x-vqsearch-setting"] == "PQ8x4fs" and r.json()["setting"] == {
-        "spec": "PQ8x4fs"
+    assert r.headers["x-vqsearch-setting"] == "PQ8x4fs;k_factor=4.0" and r.json()["setting"] == {
+        "spec": "PQ8x4fs",
+        "k_factor": 4.0,
     }
     await _index(api, "IVF16,PQ8x4fs,RFlat")
     r = await api.post("/v1/banks/cb/search?mode=approx&k_factor=8", json=q)

@@ -100,7 +100,9 @@ class Health(_FromJSON):
 @dataclass(frozen=True)
 class IndexInfo(_FromJSON):
     """A bank's approximate index: the build under way, or the index that serves (ready) or
-    served until a write (stale). nprobe, k_factor, nlist and ntotal while one serves."""
+    served until a write (stale). While one serves: nprobe, k_factor, nlist, ntotal, the
+    `bytes` it holds in RAM (and per vector), and who re-ranks its shortlist (`rerank`:
+    "bank", from the bank's rows, or "index", its own RFlat copy)."""
 
     spec: str
     state: IndexPhase
@@ -112,6 +114,9 @@ class IndexInfo(_FromJSON):
     k_factor: float | None = None
     nlist: int | None = None
     ntotal: int | None = None
+    bytes: int | None = None
+    bytes_per_vector: float | None = None
+    rerank: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -130,6 +135,9 @@ class IndexInfo(_FromJSON):
             _float(doc.get("k_factor")),
             _int(doc.get("nlist")),
             _int(doc.get("ntotal")),
+            _int(doc.get("bytes")),
+            _float(doc.get("bytes_per_vector")),
+            _str(doc.get("rerank")),
             raw=doc,
         )
 
@@ -285,6 +293,7 @@ class BankInfo(_FromJSON):
     query_sample: int | None = None
     usage: UsageSummary | None = None
     shards: int = 1
+    bytes_on_disk: int | None = None
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> BankInfo:
@@ -304,6 +313,7 @@ class BankInfo(_FromJSON):
             _int(doc.get("query_sample")),
             UsageSummary.from_json(usage) if isinstance(usage, dict) else None,
             int(doc.get("shards", 1)),
+            _int(doc.get("bytes_on_disk")),
             raw=doc,
         )
 

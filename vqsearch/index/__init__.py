@@ -32,14 +32,15 @@ from ._eval import (
 )
 from ._knn import knn
 from ._merge import merge_shards
-from ._pq import ApproxIndex, check_spec, default_spec
-from ._proposed import search_proposed
+from ._pq import TRAIN_SIZE, ApproxIndex, check_spec, default_spec
+from ._proposed import search_index, search_proposed
 from ._storage import write_bytes as atomic_write
 from ._tradeoff import pareto_front, perturbed_queries, pick, sweep
 from ._validate import METRICS, Metric, MetricName, Queries, as_tensor, check_k
 
 __all__ = [
     "METRICS",
+    "TRAIN_SIZE",
     "ApproxIndex",
     "Bank",
     "CorruptBankError",
@@ -76,6 +77,7 @@ __all__ = [
     "pareto_front",
     "perturbed_queries",
     "pick",
+    "search_index",
     "search_proposed",
     "sweep",
     "time_search",

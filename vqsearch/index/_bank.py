@@ -305,6 +305,13 @@ class Bank:
             return np.empty((len(x), 0), np.float64), np.empty((len(x), 0), np.int64)
         return tuple(to_host(*self._exact(x, k, device, precision)))  # type: ignore[return-value]
 
+    def snapshot(self) -> Bank:
+        """This bank's rows as they are now: a bank in memory that no later write changes,
+        sharing this one's segments (memory maps stay maps: nothing is copied)."""
+        out = Bank(self.d, self._metric, auto_compact=False)
+        out._state = self._state
+        return out
+
     def shard(self, s: int, n: int, reuse: Bank | None = None) -> Bank:
         """Shard s of n: a bank in memory (a snapshot: writes to it change it alone) holding
         the rows whose id % n == s, their float32 values as stored (not normalised again),

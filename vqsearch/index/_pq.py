@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ import faiss
 import numpy as np
 
 from . import _storage as st
+from ._bank import Bank
 from ._errors import CorruptBankError, FactoryStringError, InvalidInputError
+from ._rowsource import BankRows, MatrixRows, RowSource
 from ._validate import (
     Metric,
     MetricName,
@@ -40,26 +43,36 @@ _IVF = re.compile(r"IVF(\d+)")
 _PQ = re.compile(r"PQ(\d+)(?:x(\d+))?")
 
 
-def default_spec(nb: int, d: int) -> str:
+ID_BYTES = 8  # per vector: its id, in the IVF lists or the IDMap
+
+
+def default_spec(nb: int, d: int, budget_bytes: int | None = None) -> str:
     """The spec used when none is given, from the bank's size nb and width d.
 
     - PQ with 4-bit fast-scan codes, m = d/2 sub-quantizers (2 dimensions each, 1 byte per 2
       dimensions); m = d when d is odd. Fast-scan keeps the codes in SIMD registers, which is
       the quickest PQ scan faiss has.
+    - With `budget_bytes`, the largest m (a divisor of d, at most that) whose codes and ids,
+      nb x (m / 2 + 8) bytes, fit the budget; the smallest divisor when none fits.
     - Below 10,000 vectors a flat PQ scan is already well under a millisecond: no IVF.
       From there on an IVF coarse quantizer with nlist ~ sqrt(nb) (a power of two, at most
       nb / 39 so that every centroid gets the 39 training points faiss asks for), searched by
       default with nprobe = nlist / 8: an eighth of the bank is scanned.
-    - Always `RFlat`: the PQ shortlist (k x k_factor) is re-ranked with exact distances, which
-      buys most of the recall PQ loses for a small cost.
+    - No `RFlat`: the index holds codes only. The service re-ranks its shortlist (k x
+      k_factor) with exact distances from the bank's own rows (`search_proposed`), which buys
+      the recall PQ loses without a second float32 copy of the bank in RAM.
     """
-    m = d // 2 if d % 2 == 0 else d
-    pq = f"PQ{m}x4fs"
+    top = d // 2 if d % 2 == 0 else d
+    ms = [m for m in range(top, 0, -1) if d % m == 0]
+    if budget_bytes is not None:
+        fits = [m for m in ms if nb * (m / 2 + ID_BYTES) <= budget_bytes]
+        ms = fits or ms[-1:]
+    pq = f"PQ{ms[0]}x4fs"
     if nb < 10_000:
-        return f"{pq},RFlat"
+        return pq
     nlist = 2 ** round(math.log2(math.sqrt(nb)))
     nlist = max(16, min(nlist, 2 ** int(math.log2(nb // 39))))
-    return f"IVF{nlist},{pq},RFlat"
+    return f"IVF{nlist},{pq}"
 
 
 def _factory(d: int, spec: str, metric: Metric) -> Any:
@@ -180,6 +193,7 @@ class ApproxIndex:
         self.index, self.spec, self.metric = index, spec, self._metric.name
         self.nprobe, self.k_factor = nprobe, float(k_factor)
         self.meta: dict[str, Any] = {}  # caller's notes, saved with the index
+        self._nbytes: int | None = None
 
     @property
     def d(self) -> int:
@@ -204,41 +218,75 @@ class ApproxIndex:
         cls,
         xb: Any,
         ids: Any = None,
-        metric: MetricName | Metric = "l2",
+        metric: MetricName | Metric | None = None,
         spec: str | None = None,
         train_size: int = TRAIN_SIZE,
         seed: int = 0,
+        budget_bytes: int | None = None,
     ) -> ApproxIndex:
-        """Train on (a seeded sample of at most `train_size` rows of) xb (nb, d), then add xb
-        with its ids (default 0..nb-1). Under cosine, xb is normalised first."""
-        metric = check_metric(metric)
-        x = as_matrix(xb, "xb")
-        if metric.unit:
-            x = normalize(x, "xb")
-        xn = x.cpu().numpy()
-        nb, d = xn.shape
+        """Train on a seeded sample of at most `train_size` rows, then add every row with its
+        id, block by block.
+
+        xb: a matrix (nb, d) with `ids` (default 0..nb-1) and `metric` (default l2; under
+        cosine the rows are normalised first), or a `Bank`, whose live rows, ids and metric
+        are taken as stored and read from its segments where they lie: the build then holds
+        the sample and one block, never the whole bank. `budget_bytes` bounds the default
+        spec's memory (`default_spec`)."""
+        if isinstance(xb, Bank):
+            if ids is not None:
+                raise InvalidInputError("a bank brings its own ids; give ids only with a matrix")
+            if metric is not None and check_metric(metric).name != xb.metric:
+                raise InvalidInputError(f"the bank's metric is {xb.metric}, not {metric}")
+            src: RowSource = BankRows(xb._state)
+            metric = xb._metric
+        else:
+            metric = check_metric(metric or "l2")
+            x = as_matrix(xb, "xb")
+            if metric.unit:
+                x = normalize(x, "xb")
+            xn = x.cpu().numpy()
+            ids_a = np.arange(len(xn), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+            src = MatrixRows(xn, ids_a)
+        return cls._build(src, metric, spec, train_size, seed, budget_bytes)
+
+    @classmethod
+    def _build(
+        cls,
+        src: RowSource,
+        metric: Metric,
+        spec: str | None,
+        train_size: int,
+        seed: int,
+        budget_bytes: int | None,
+    ) -> ApproxIndex:
+        nb, d = src.shape
         if nb == 0:
             raise InvalidInputError("cannot build an index on no vectors")
-        ids_a = np.arange(nb, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-        spec = spec or default_spec(nb, d)
+        spec = spec or default_spec(nb, d, budget_bytes)
         _check_sizes(spec, d, nb, train_size)
-        check_trainable(xn)
         index = _factory(d, spec, metric)  # faiss's own parse: FactoryStringError
-        sample = xn
+        rows = np.arange(nb)
         if nb > train_size:
-            rows = np.random.default_rng(seed).choice(nb, train_size, replace=False)
-            sample = xn[np.sort(rows)]
+            rows = np.sort(np.random.default_rng(seed).choice(nb, train_size, replace=False))
+        sample = src.sample(rows)
+        check_trainable(sample)
         try:
             index.train(sample)
         except RuntimeError as exc:
             raise FactoryStringError(
                 f"cannot train {spec!r} on {len(sample)} vectors: {exc}"
             ) from exc
-        wrapped = faiss.IndexIDMap(index)
-        wrapped.add_with_ids(xn, ids_a)
+        del sample
         ivf = faiss.try_extract_index_ivf(index)
+        # An IVF index keeps each vector's id in its lists; any other needs an IDMap beside it
+        # (8 more bytes a vector). faiss's Refine takes no ids of its own either.
+        own_ids = ivf is not None and _find(index, faiss.IndexRefine) is None
+        target = index if own_ids else faiss.IndexIDMap(index)
+        for x, block_ids in src.blocks():
+            check_trainable(x)
+            target.add_with_ids(x, block_ids)
         nprobe = 1 if ivf is None else max(1, min(ivf.nlist // 8, 128))
-        return cls(wrapped, spec, metric, nprobe, DEFAULT_K_FACTOR)
+        return cls(target, spec, metric, nprobe, DEFAULT_K_FACTOR)
 
     def search(
         self, xq: Any, k: int, nprobe: int | None = None, k_factor: float | None = None
@@ -263,10 +311,27 @@ class ApproxIndex:
 
     # -- persistence: the index bytes and a JSON sidecar, both written atomically ---------------
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the index holds (its serialised size: codes, ids, centroids, any RFlat copy),
+        counted once by serialising it to a counter, not to a buffer."""
+        if self._nbytes is None:
+            n = 0
+
+            def count(b: bytes) -> None:
+                nonlocal n
+                n += len(b)
+
+            _write_index(self.index, count)
+            self._nbytes = n
+        return self._nbytes
+
     def save(self, path: str | Path) -> None:
+        """The index file, streamed through faiss's writer (no copy of it in memory), and its
+        JSON sidecar, each written atomically."""
         p = Path(path)
-        blob = faiss.serialize_index(self.index)
-        sha = st.write_bytes(p, blob.tobytes())
+        sha = st.write_with(p, lambda f: _write_index(self.index, f.write))
+        self._nbytes = p.stat().st_size
         meta = {
             "spec": self.spec,
             "metric": self.metric,
@@ -275,7 +340,7 @@ class ApproxIndex:
             "sha256": sha,
             "d": self.d,
             "ntotal": self.ntotal,
-            "bytes": int(blob.size),
+            "bytes": self._nbytes,
             "meta": self.meta,
         }
         st.write_bytes(p.with_suffix(p.suffix + ".json"), json.dumps(meta).encode())
@@ -287,9 +352,16 @@ class ApproxIndex:
             meta = json.loads(p.with_suffix(p.suffix + ".json").read_bytes())
             if st.sha256_file(p) != meta["sha256"]:
                 raise CorruptBankError(f"{p.name}: checksum mismatch (index altered or truncated)")
-            index = faiss.deserialize_index(np.fromfile(p, dtype=np.uint8))
+            index = faiss.read_index(str(p))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise CorruptBankError(f"{p.name}: cannot load index ({exc})") from exc
         out = cls(index, meta["spec"], meta["metric"], int(meta["nprobe"]), float(meta["k_factor"]))
         out.meta = dict(meta.get("meta", {}))
+        out._nbytes = p.stat().st_size
         return out
+
+
+def _write_index(index: Any, write: Callable[[bytes], Any]) -> None:
+    writer = faiss.PyCallbackIOWriter(write)  # type: ignore[attr-defined]
+    faiss.write_index(index, writer)
+    del writer  # its destructor writes what it still buffers

@@ -22,6 +22,7 @@ from ._validate import Queries, check_k, check_k_factor
 
 if TYPE_CHECKING:
     from ._bank import Bank
+    from ._pq import ApproxIndex
 
 
 class Proposer(Protocol):
@@ -65,3 +66,22 @@ def search_proposed(
     )
     I[torch.isinf(D)] = -1  # a deleted or absent candidate's slot
     return metric.reported(D).numpy(), I.numpy()
+
+
+def search_index(
+    bank: Bank,
+    index: ApproxIndex,
+    xq: Any,
+    k: int,
+    nprobe: int | None = None,
+    k_factor: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate search as the service answers it: an index with a re-ranking copy of its
+    own (`RFlat`, `Refine`) answers alone, with faiss's distances; any other proposes and
+    `bank` re-ranks (`search_proposed`), so the distances are exact. k_factor: the index's
+    own default when None."""
+    if index.has_refine:
+        x = Queries.of(bank._queries(xq), bank.d, bank._metric)
+        return index.search(x, k, nprobe=nprobe, k_factor=k_factor)
+    kf = index.k_factor if k_factor is None else k_factor
+    return search_proposed(bank, index, xq, k, k_factor=kf, nprobe=nprobe)

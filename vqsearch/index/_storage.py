@@ -63,6 +63,12 @@ def write_array(path: Path, a: np.ndarray) -> str:
     return _atomic(path, lambda f: np.lib.format.write_array(f, a, allow_pickle=False))
 
 
+def write_with(path: Path, write: Any) -> str:
+    """Write a file atomically through `write(f)` (f: a file that hashes what it is given);
+    return its sha256."""
+    return _atomic(path, write)
+
+
 def write_bytes(path: Path, data: bytes) -> str:
     """Write raw bytes atomically; return their sha256."""
     return _atomic(path, lambda f: f.write(data))

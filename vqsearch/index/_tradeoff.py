@@ -22,6 +22,7 @@ from ._bank import Bank
 from ._eval import k_recall_at_k, one_recall_at, time_search
 from ._knn import knn
 from ._pq import ApproxIndex
+from ._proposed import search_index
 from ._validate import Metric, MetricName, check_metric
 
 BATCH_SIZES = (1, 64, 4096)
@@ -76,20 +77,25 @@ def grid(index: ApproxIndex) -> list[tuple[int | None, float | None]]:
     nprobes: list[int | None] = [None] if nlist is None else [p for p in NPROBES if p <= nlist]
     if nlist is not None and nlist not in nprobes and nlist <= 2 * NPROBES[-1]:
         nprobes.append(nlist)
-    refine = "RFlat" in index.spec or "Refine" in index.spec
-    k_factors: list[float | None] = list(map(float, K_FACTORS)) if refine else [None]
-    return [(p, kf) for p in nprobes for kf in k_factors]
+    # every index re-ranks a k x k_factor shortlist: its own RFlat copy, or the bank
+    return [(p, float(kf)) for p in nprobes for kf in K_FACTORS]
 
 
 def perturbed_queries(
-    xb: np.ndarray, n: int, metric: MetricName | Metric, seed: int = 0
+    xb: np.ndarray | Bank, n: int, metric: MetricName | Metric, seed: int = 0
 ) -> np.ndarray:
     """Bank vectors plus Gaussian noise whose norm is their nearest-neighbour distance:
-    queries that look like encoder outputs near, but not on, their codes."""
+    queries that look like encoder outputs near, but not on, their codes. xb: a matrix, or a
+    bank (read at the sampled rows and searched exactly, never copied whole)."""
     rng = np.random.default_rng(seed)
-    rows = rng.choice(len(xb), min(n, len(xb)), replace=False)
-    base = xb[rows].astype(np.float32)
-    D, _ = knn(base, xb, min(2, len(xb)), "l2")
+    nb = xb.ntotal if isinstance(xb, Bank) else len(xb)
+    rows = rng.choice(nb, min(n, nb), replace=False)
+    if isinstance(xb, Bank):
+        base = xb.get(xb.ids()[rows])
+        D = l2_search(xb, base, min(2, nb))
+    else:
+        base = xb[rows].astype(np.float32)
+        D, _ = knn(base, xb, min(2, nb), "l2")
     nn = np.sqrt(np.maximum(D[:, -1], 0))[:, None]
     noise = rng.standard_normal(base.shape).astype(np.float32)
     noise *= nn / np.linalg.norm(noise, axis=1, keepdims=True)
@@ -97,6 +103,14 @@ def perturbed_queries(
     if check_metric(metric).unit:
         out /= np.linalg.norm(out, axis=1, keepdims=True)
     return out
+
+
+def l2_search(bank: Bank, xq: np.ndarray, k: int) -> np.ndarray:
+    """Squared L2 distances (nq, k) of the k nearest rows of `bank` as stored, whatever its
+    metric: the same rows (a snapshot never changes) searched exactly under l2."""
+    view = Bank(bank.d, "l2")
+    view._state = bank._state
+    return view.search(xq, k)[0]
 
 
 def machine() -> dict[str, Any]:
@@ -130,7 +144,7 @@ def _measure(
 
 
 def sweep(
-    xb: np.ndarray,
+    xb: np.ndarray | Bank,
     ids: np.ndarray | None,
     metric: MetricName | Metric,
     xq: np.ndarray,
@@ -143,32 +157,38 @@ def sweep(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Measure exact search, each given index over its grid, and each extra spec (built here,
-    then dropped). xb (nb, d), xq (nq, d). Returns a JSON-ready report whose `points` have
-    `pareto` set on (1-recall@1, QPS at `primary_batch`)."""
-    ids = np.arange(len(xb), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    if len(xb) < K:
-        raise ValueError(f"a sweep needs at least {K} vectors; the bank has {len(xb)}")
+    then dropped), each as the service serves it (`search_index`). xb (nb, d) with ids, or a
+    `Bank` (its own ids; read where its rows lie, never copied whole); xq (nq, d). Returns a
+    JSON-ready report whose `points` have `pareto` set on (1-recall@1, QPS at
+    `primary_batch`)."""
+    if isinstance(xb, Bank):
+        if check_metric(metric).name != xb.metric:
+            raise ValueError(f"the bank's metric is {xb.metric}, not {metric}")
+        bank = xb
+    else:
+        ids = np.arange(len(xb), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        bank = Bank(xb.shape[1], metric)  # as the service searches: bank statistics cached
+        bank.add(xb, ids)
+    nb, d = bank.ntotal, bank.d
+    if nb < K:
+        raise ValueError(f"a sweep needs at least {K} vectors; the bank has {nb}")
     tick = progress or (lambda _: None)
-    gt = ids[knn(xq, xb, K, metric)[1]]
+    gt = bank.search(xq, K)[1]
     # Progress: building the extra specs is the first 20 %, measuring the points the rest.
     built: list[tuple[ApproxIndex, float]] = [
         (ix, float(ix.meta.get("build_seconds", 0))) for ix in indexes
     ]
     for i, spec in enumerate(specs):
         t0 = time.perf_counter()
-        built.append((ApproxIndex.build(xb, ids, metric, spec), time.perf_counter() - t0))
+        built.append((ApproxIndex.build(bank, spec=spec), time.perf_counter() - t0))
         tick(0.2 * (i + 1) / len(specs))
     todo = [(ix, b, setting) for ix, b in built for setting in grid(ix)]
-
-    bank = Bank(xb.shape[1], metric)  # as the service searches: bank statistics cached
-    bank.add(xb, ids)
 
     def exact_search(b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return bank.search(b, k, device=device)
 
-    exact = Point("exact", bytes_per_vector=4.0 * xb.shape[1])
+    exact = Point("exact", bytes_per_vector=4.0 * d)
     points = [_measure(exact, exact_search, xq, gt, batch_sizes, min_seconds)]
-    sizes = {id(ix): faiss.serialize_index(ix.index).size / max(ix.ntotal, 1) for ix, _ in built}
     for n, (index, build, (nprobe, k_factor)) in enumerate(todo):
 
         def approx(
@@ -178,11 +198,10 @@ def sweep(
             p: int | None = nprobe,
             f: float | None = k_factor,
         ) -> tuple[np.ndarray, np.ndarray]:
-            return ix.search(b, k, nprobe=p, k_factor=f)
+            return search_index(bank, ix, b, k, nprobe=p, k_factor=f)
 
-        pt = Point(
-            index.spec, nprobe, k_factor, build_seconds=build, bytes_per_vector=sizes[id(index)]
-        )
+        size = index.nbytes / max(index.ntotal, 1)
+        pt = Point(index.spec, nprobe, k_factor, build_seconds=build, bytes_per_vector=size)
         points.append(_measure(pt, approx, xq, gt, batch_sizes, min_seconds))
         tick(0.2 + 0.8 * (n + 1) / len(todo))
     tick(1.0)
@@ -195,8 +214,8 @@ def sweep(
         "primary_batch": int(key),
         "k": K,
         "n_queries": len(xq),
-        "nb": len(xb),
-        "d": int(xb.shape[1]),
+        "nb": nb,
+        "d": d,
         "metric": str(metric),
         "device": device,
         "machine": machine(),

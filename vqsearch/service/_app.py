@@ -34,6 +34,7 @@ from ._entry import (
     UnknownBankError,
 )
 from ._errors_doc import error_body, status_kind
+from ._memory import memory_limit
 from ._observe import Metrics, ObserveMiddleware, trim_periodically
 from ._registry import Registry
 from ._searching import Batcher
@@ -155,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.usage_window,
             limits,
             cluster,
+            index_budget=int(settings.index_memory_fraction * memory_limit()),
         )
         if not settings.auth_enabled:
             log.warning(

@@ -3,6 +3,7 @@ errors of the bank registry."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,10 @@ class IndexState:
                 "k_factor": index.k_factor,
                 "nlist": index.nlist,
                 "ntotal": index.ntotal,
+                "bytes": index.nbytes,  # what it holds in RAM: codes, ids, centroids
+                "bytes_per_vector": round(index.nbytes / max(index.ntotal, 1), 2),
+                # who scores the shortlist: faiss's own float32 copy, or the bank's rows
+                "rerank": "index" if index.has_refine else "bank",
             }
         return out
 
@@ -115,6 +120,7 @@ class Entry:
             "count": b.ntotal,
             "metric": b.metric,
             "bytes": b.nbytes,
+            "bytes_on_disk": disk_bytes(b.path),
             "version": self.version,
             "generation": b.generation,
             "segments": b.num_segments,
@@ -125,6 +131,18 @@ class Entry:
             "query_sample": None if self.reservoir is None else len(self.reservoir.sample()),
             "usage": None if self.usage is None else self.usage.summary(b.ids()),
         }
+
+
+def disk_bytes(p: Path | None) -> int:
+    """Bytes of the files in a bank's directory: segments, tombstones, index, reports."""
+    if p is None:
+        return 0
+    total = 0
+    for f in p.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):  # a file a write just replaced
+            if f.is_file():
+                total += f.stat().st_size
+    return total
 
 
 def stamp_of(p: Path) -> tuple[int, ...]:

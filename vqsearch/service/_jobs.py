@@ -12,7 +12,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vqsearch.index import ApproxIndex, StorageError, VQSearchError, default_spec
+from vqsearch.index import (
+    TRAIN_SIZE,
+    ApproxIndex,
+    Bank,
+    StorageError,
+    VQSearchError,
+    default_spec,
+)
 
 from ._entry import (
     BUILDING_FILE,
@@ -31,8 +38,11 @@ log = logging.getLogger("vqsearch")
 class Jobs:
     """Owns the build and compaction threads of one registry."""
 
-    def __init__(self, auto_rebuild: bool, read_only: bool) -> None:
+    def __init__(
+        self, auto_rebuild: bool, read_only: bool, index_budget: int | None = None
+    ) -> None:
         self.auto_rebuild, self.read_only = auto_rebuild, read_only
+        self.index_budget = index_budget  # bytes a default spec's index may hold
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="vqsearch-build")
         # compactions stream the bank after the write that piled up its segments was answered
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="vqsearch-compact")
@@ -117,13 +127,16 @@ class Jobs:
         with entry.lock:
             check_alive(entry)
             b = entry.bank
-            return self._queue(entry, spec or default_spec(b.ntotal, b.d), train_size)
+            return self._queue(entry, spec or self.default_spec(b), train_size)
+
+    def default_spec(self, bank: Bank) -> str:
+        return default_spec(bank.ntotal, bank.d, self.index_budget)
 
     def build_now(self, entry: Entry) -> IndexState:
         """Build the default index on the calling thread (the builder's own: sweeps)."""
         with entry.lock:
             b = entry.bank
-            state = entry.build = IndexState(default_spec(b.ntotal, b.d))
+            state = entry.build = IndexState(self.default_spec(b))
         self._build(entry, state)
         return state
 
@@ -150,13 +163,14 @@ class Jobs:
             with entry.lock:  # a consistent snapshot: no write lands between the reads
                 if entry.build is not state or entry.dead:
                     return
-                vectors, ids, version = entry.bank.vectors(), entry.bank.ids(), entry.version
+                # the rows as they are now, read block by block from their files by the build
+                snapshot, version = entry.bank.snapshot(), entry.version
                 state.state, state.progress = Phase.TRAINING, 0.1
                 marker.parent.mkdir(exist_ok=True)
                 marker.write_text(json.dumps({"spec": state.spec}))
-            kw = {} if state.train_size is None else {"train_size": state.train_size}
-            index = ApproxIndex.build(vectors, ids, entry.bank.metric, state.spec, **kw)
-            del vectors
+            train = TRAIN_SIZE if state.train_size is None else state.train_size
+            index = ApproxIndex.build(snapshot, spec=state.spec, train_size=train)
+            del snapshot
             state.state, state.progress = Phase.SAVING, 0.9
             state.build_seconds = round(time.perf_counter() - t0, 3)
             index.meta = {

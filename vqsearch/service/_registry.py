@@ -52,6 +52,7 @@ class Registry:
         usage_window: int = 0,
         limits: Limits | None = None,
         placement: Placement | None = None,
+        index_budget: int | None = None,
     ) -> None:
         self.root, self.limits = Path(root), limits or Limits()
         self.reservoir_size, self.usage_window = reservoir, usage_window
@@ -61,7 +62,7 @@ class Registry:
         self.entries: dict[str, Entry] = {}
         self.loaded = False
         self._lock = threading.Lock()
-        self.jobs = Jobs(auto_rebuild, read_only)
+        self.jobs = Jobs(auto_rebuild, read_only, index_budget)
         self._dir_lock = DataDirLock(self.root)
 
     def load(self) -> None:
@@ -255,6 +256,11 @@ class Registry:
         index (if any) serves until the new one is ready."""
         self._writable()
         return self.jobs.build_index(entry, spec, train_size)
+
+    def default_spec(self, entry: Entry) -> str:
+        """What a build without a spec builds: from the bank's size and width, its codes
+        within the index memory budget."""
+        return self.jobs.default_spec(entry.bank)
 
     def build_now(self, entry: Entry) -> IndexState:
         """Build the default index on the calling thread (the build thread's own: sweeps)."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 
-from vqsearch.index import EmptyBankError, Queries, check_k
+from vqsearch.index import EmptyBankError, Queries, check_k, search_index
 
 from ._entry import Entry
 from ._setting import Setting
@@ -45,7 +45,7 @@ def _check_mode_params(p: Any) -> None:
 
 def resolve(entry: Entry, p: Any, measure: str, nq: int) -> Setting:
     """The setting that will answer: exact, or the index spec and the search parameters that
-    apply to it (nprobe for IVF, k_factor for a re-ranking index)."""
+    apply to it (nprobe for IVF, k_factor for every index: its shortlist's size)."""
     _check_mode_params(p)
     if p.mode == "auto":
         return auto_setting(entry, p.target_recall, measure, nq)
@@ -64,12 +64,8 @@ def resolve(entry: Entry, p: Any, measure: str, nq: int) -> Setting:
         nprobe = p.nprobe or index.nprobe
     elif p.nprobe is not None:
         raise HTTPException(422, f"nprobe applies to IVF indexes; {entry.name!r} has {index.spec}")
-    if index.has_refine:
-        k_factor = float(p.k_factor or index.k_factor)
-    elif p.k_factor is not None:
-        raise HTTPException(
-            422, f"k_factor applies to re-ranking (RFlat) indexes; {entry.name!r} has {index.spec}"
-        )
+    # every index's shortlist of k x k_factor is re-ranked: by its RFlat copy, else the bank
+    k_factor = float(p.k_factor or index.k_factor)
     return Setting(index.spec, nprobe, k_factor)
 
 
@@ -83,7 +79,7 @@ def execute(
     index = entry.index
     if index is None or index.spec != setting.spec:
         raise HTTPException(409, f"the approximate index of {entry.name!r} changed; retry")
-    return index.search(xq, k, nprobe=setting.nprobe, k_factor=setting.k_factor)
+    return search_index(entry.bank, index, xq, k, setting.nprobe, setting.k_factor)
 
 
 def _join(parts: list[Any]) -> Any:

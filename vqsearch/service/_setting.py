@@ -12,8 +12,8 @@ EXACT = "exact"
 @dataclass(frozen=True)
 class Setting:
     """Exact search, or the bank's index `spec` with the search parameters that apply to it
-    (`nprobe` for IVF, `k_factor` for a re-ranking index). `mode=auto` also says what recall
-    the pick measured, or why it answered exactly."""
+    (`nprobe` for IVF; `k_factor`: a shortlist of k x k_factor is re-ranked). `mode=auto`
+    also says what recall the pick measured, or why it answered exactly."""
 
     spec: str = EXACT
     nprobe: int | None = None

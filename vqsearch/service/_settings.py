@@ -90,6 +90,14 @@ class Settings(BaseSettings):
         description="bytes of request bodies, parsed arrays and answers all requests may hold "
         "at once; beyond it 503 with Retry-After",
     )
+    index_memory_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="a default index (built without a spec) holds at most this fraction of "
+        "the memory the server may use (its memory cgroup's limit, else physical RAM): "
+        "PQ codes are chosen to fit",
+    )
     request_timeout: float = Field(
         300.0, gt=0, description="seconds a query may run before it is stopped (504)"
     )

@@ -27,7 +27,7 @@ def eval_queries(entry: Entry, queries: np.ndarray | None, n: int) -> tuple[np.n
         sample = entry.reservoir.sample()
         if len(sample) >= MIN_RESERVOIR:
             return sample, "reservoir"
-    return perturbed_queries(entry.bank.vectors(), n, entry.bank.metric), "perturbed"
+    return perturbed_queries(entry.bank.snapshot(), n, entry.bank.metric), "perturbed"
 
 
 def start(registry: Registry, entry: Entry, **kw: Any) -> dict[str, Any]:
@@ -52,13 +52,8 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
                 raise RuntimeError(
                     f"could not build the bank's index: {state.error or state.state}"
                 )
-        with entry.lock:
-            xb, ids, version, own = (
-                entry.bank.vectors(),
-                entry.bank.ids(),
-                entry.version,
-                entry.index,
-            )
+        with entry.lock:  # the rows as they are now, read where they lie by the sweep
+            bank, version, own = entry.bank.snapshot(), entry.version, entry.index
         xq, source = eval_queries(entry, kw.get("queries"), kw.get("n_queries", 1000))
         job["state"] = SweepPhase.MEASURING
 
@@ -66,8 +61,8 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
             job["progress"] = round(f, 3)
 
         report = sweep(
-            xb,
-            ids,
+            bank,
+            None,
             entry.bank.metric,
             xq,
             indexes=[own],

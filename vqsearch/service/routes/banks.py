@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from vqsearch.index import check_spec, default_spec
+from vqsearch.index import check_spec
 
 from .._deps import (
     VERSION_HEADER,
@@ -150,7 +150,7 @@ async def build_index(
     bank = entry.bank
     if bank.ntotal == 0:
         raise HTTPException(409, f"bank {entry.name!r} is empty: nothing to index")
-    spec = p.spec or default_spec(bank.ntotal, bank.d)
+    spec = p.spec or registry.default_spec(entry)
     # What can be known now is a 422 now, not a failed build later: the spec's sizes against
     # the bank's (read from the text, before faiss allocates), then faiss's own parse.
     kw = {} if p.train_size is None else {"train_size": p.train_size}
