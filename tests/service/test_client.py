@@ -138,6 +138,50 @@ async def test_chunks_are_pinned_to_the_first_chunks_version(settings):
                 await c.search("cb", CODEBOOK[:6], k=1)
 
 
+async def test_a_large_add_goes_as_appends_in_order(settings, monkeypatch):
+    """Vectors over ADD_CHUNK_BYTES are sent as several appends, one after another: the ids
+    are those of one append, the rows land in order; if an append fails part-way, the error
+    carries the ids of the rows that were added before it (and they are in the bank)."""
+    monkeypatch.setattr("vqsearch.client._core.ADD_CHUNK_BYTES", 10 * 16 * 4)  # 10 rows
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        tr = httpx.ASGITransport(app=app)
+        async with AsyncClient("http://app", transport=tr, max_concurrency=8) as c:
+            await c.create_bank("b", d=16)
+            posts = 0
+            real = c.send
+
+            async def count(call):
+                nonlocal posts
+                posts += call.method == "POST"
+                return await real(call)
+
+            c.send = count  # type: ignore[method-assign]
+            ids = await c.add("b", CODEBOOK[:95])
+            assert posts == 10 and ids.tolist() == list(range(95))
+            np.testing.assert_array_equal(await c.decode("b", np.arange(95)), CODEBOOK[:95])
+            mine = np.arange(1000, 1030)
+            mine[25] = 3  # taken: the third append (rows 20..29) is refused whole
+            with pytest.raises(ConflictError) as err:
+                await c.add("b", CODEBOOK[100:130], ids=mine)
+            assert err.value.added.tolist() == list(range(1000, 1020))
+            assert (await c.get_bank("b")).count == 115
+    answers = iter([{"ids": list(range(10))}, {"ids": list(range(10, 20))}, None])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        doc = next(answers)
+        return (
+            httpx.Response(409, json={"detail": "taken"})
+            if doc is None
+            else httpx.Response(200, json=doc)
+        )
+
+    with Client("http://x", transport=httpx.MockTransport(handler), retries=0) as sync:
+        with pytest.raises(ConflictError) as err:
+            sync.add("b", np.zeros((25, 16), np.float32))
+    assert err.value.added.tolist() == list(range(20))
+
+
 def _flaky(statuses: list[int], seen: list[str]) -> httpx.MockTransport:
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.method)

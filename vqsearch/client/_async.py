@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from .._wire_names import AUTHORIZATION_HEADER, BEARER
 from ._core import Call, Plan, Requests, index_done, sweep_done
-from ._exceptions import JobTimeoutError
+from ._exceptions import JobTimeoutError, VQSearchClientError
 from ._retry import final, next_delay
 from ._types import BankInfo, Health, IndexInfo, NearestResult, SearchResult, TradeoffJob
 
@@ -85,6 +85,15 @@ class AsyncClient:
             return call.read(await self.send(call))
 
     async def _run(self, plan: Plan[T]) -> T:
+        if plan.sequential:
+            done: list[Any] = []
+            for call in plan.calls:
+                try:
+                    done.append(call.read(await self.send(call)))
+                except VQSearchClientError as exc:
+                    plan.failed_after(exc, done)
+                    raise
+            return plan.combine(done)
         sem = asyncio.Semaphore(self.max_concurrency)
         first, *later = plan.calls
         resp = await self.send(first)
@@ -146,7 +155,9 @@ class AsyncClient:
         return await self._run(self._requests.delete_bank(name))
 
     async def add(self, name: str, vectors: Any, ids: Any = None) -> npt.NDArray[np.int64]:
-        """Append vectors (n, d); returns the ids (n,) they were given. Never retried."""
+        """Append vectors (n, d); returns the ids (n,) they were given. Never retried. More
+        than ADD_CHUNK_BYTES (64 MiB) of vectors go as several appends, in order, each durable
+        once answered: if one fails, its error's `added` holds the ids added before it."""
         return await self._run(self._requests.add(name, vectors=vectors, ids=ids))
 
     async def remove(self, name: str, ids: Any) -> int:

@@ -47,7 +47,7 @@ from .._wire_names import (
     SweepPhase,
     bank_path,
 )
-from ._exceptions import JobFailedError, ResponseFormatError, error_for
+from ._exceptions import JobFailedError, ResponseFormatError, VQSearchClientError, error_for
 from ._types import (
     BankInfo,
     Health,
@@ -59,6 +59,7 @@ from ._types import (
 
 T = TypeVar("T")
 U = TypeVar("U")
+ADD_CHUNK_BYTES = 64 << 20  # vectors in one append: a quarter of the server's default body limit
 Array = npt.NDArray[Any]
 
 
@@ -110,6 +111,12 @@ class Plan(Generic[T]):
     calls: list[Call[Any]]
     combine: Callable[[list[Any]], T] = _first
     pin_version: bool = False  # chunks after the first must see the bank version it saw
+    sequential: bool = False  # calls one after another, in order (appends)
+
+    def failed_after(self, exc: VQSearchClientError, done: list[Any]) -> None:
+        """A sequential plan's call failed after `done` succeeded: say what did land."""
+        if done:
+            exc.added = self.combine(done)
 
     def pin(self, later: list[Call[Any]], first: httpx.Response) -> None:
         """Make the later chunks fail with 412 if the bank changed since the first one."""
@@ -117,6 +124,10 @@ class Plan(Generic[T]):
         if self.pin_version and version:
             for call in later:
                 call.headers[IF_MATCH_HEADER] = version
+
+
+def _concat_ids(parts: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def one(call: Call[T]) -> Plan[T]:
@@ -301,15 +312,25 @@ class Requests:
         return one(Call("DELETE", bank_path(name), lambda r: str(_json_object(r)["deleted"])))
 
     def add(self, name: str, vectors: Any, ids: Any = None) -> Plan[npt.NDArray[np.int64]]:
-        arrays = {VECTORS_FIELD: to_numpy(vectors)}
-        if ids is not None:
-            arrays[IDS_FIELD] = to_numpy(ids).astype(np.int64)
+        """Appends of at most ADD_CHUNK_BYTES of vectors each, sent in order."""
+        x = to_numpy(vectors)
+        id_a = None if ids is None else to_numpy(ids).astype(np.int64)
+        # anything but a matrix with one id per row goes whole: the server names what is wrong
+        whole = x.ndim != 2 or (id_a is not None and id_a.shape != (len(x),))
+        step = len(x) if whole else max(1, ADD_CHUNK_BYTES // max(1, x[:1].nbytes))
+        starts = [0] if whole or len(x) == 0 else range(0, len(x), step)
 
         def parse(r: httpx.Response) -> npt.NDArray[np.int64]:
             return np.asarray(_array(decode_arrays(r), IDS_FIELD), dtype=np.int64)
 
         path = bank_path(name, VECTORS_ROUTE)
-        return one(self._array_call(path, arrays, {}, parse, idempotent=False))
+        calls: list[Call[Any]] = []
+        for i0 in starts:
+            arrays = {VECTORS_FIELD: x if whole else x[i0 : i0 + step]}
+            if id_a is not None:
+                arrays[IDS_FIELD] = id_a if whole else id_a[i0 : i0 + step]
+            calls.append(self._array_call(path, arrays, {}, parse, idempotent=False))
+        return Plan(calls, _concat_ids, sequential=True)
 
     def remove(self, name: str, ids: Any) -> Plan[int]:
         return one(

@@ -19,6 +19,8 @@ VQSearchClientError
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "APIError",
     "AuthenticationError",
@@ -43,7 +45,10 @@ BODY_LIMIT = 2000
 
 
 class VQSearchClientError(Exception):
-    """Base of every client error."""
+    """Base of every client error. `added`: when an `add` sent in several appends failed
+    part-way, the ids of the rows added before the failure (durable; None otherwise)."""
+
+    added: Any = None
 
 
 class TransportError(VQSearchClientError):

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from .._wire_names import AUTHORIZATION_HEADER, BEARER
 from ._core import Call, Plan, Requests, index_done, sweep_done
-from ._exceptions import JobTimeoutError
+from ._exceptions import JobTimeoutError, VQSearchClientError
 from ._retry import final, next_delay
 from ._types import BankInfo, Health, IndexInfo, NearestResult, SearchResult, TradeoffJob
 
@@ -74,6 +74,15 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run(self, plan: Plan[T]) -> T:
+        if plan.sequential:
+            done: list[Any] = []
+            for call in plan.calls:
+                try:
+                    done.append(call.read(self.send(call)))
+                except VQSearchClientError as exc:
+                    plan.failed_after(exc, done)
+                    raise
+            return plan.combine(done)
         first, *later = plan.calls
         resp = self.send(first)
         plan.pin(later, resp)
@@ -128,7 +137,9 @@ class Client:
         return self._run(self._requests.delete_bank(name))
 
     def add(self, name: str, vectors: Any, ids: Any = None) -> npt.NDArray[np.int64]:
-        """Append vectors (n, d); returns the ids (n,) they were given. Never retried."""
+        """Append vectors (n, d); returns the ids (n,) they were given. Never retried. More
+        than ADD_CHUNK_BYTES (64 MiB) of vectors go as several appends, in order, each durable
+        once answered: if one fails, its error's `added` holds the ids added before it."""
         return self._run(self._requests.add(name, vectors=vectors, ids=ids))
 
     def remove(self, name: str, ids: Any) -> int:
