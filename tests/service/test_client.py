@@ -176,9 +176,11 @@ async def test_a_large_add_goes_as_appends_in_order(settings, monkeypatch):
             else httpx.Response(200, json=doc)
         )
 
-    with Client("http://x", transport=httpx.MockTransport(handler), retries=0) as sync:
-        with pytest.raises(ConflictError) as err:
-            sync.add("b", np.zeros((25, 16), np.float32))
+    with (
+        Client("http://x", transport=httpx.MockTransport(handler), retries=0) as sync,
+        pytest.raises(ConflictError) as err,
+    ):
+        sync.add("b", np.zeros((25, 16), np.float32))
     assert err.value.added.tolist() == list(range(20))
 
 

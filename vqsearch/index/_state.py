@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +20,30 @@ from ._rows import PREPARED_CACHE_BYTES, bank_center, prepare_whole
 @dataclass(frozen=True, eq=False)
 class Segment:
     name: str
-    vectors: np.ndarray  # (n, d) float32, memory-mapped when loaded
+    vectors: np.ndarray  # (n, d) float32, memory-mapped when loaded: what scans stream
     ids: np.ndarray  # (n,) int64
     content: str  # sha256 of the raw vector and id bytes: what the bank version is made of
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, once on disk
+    scattered: np.ndarray = field(init=False, repr=False)  # the same rows, for `take`
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scattered", random_access(self.vectors))
+
+
+def random_access(a: np.ndarray) -> np.ndarray:
+    """A memory-mapped array's file mapped again, advised MADV_RANDOM, for reading rows here
+    and there (a re-rank's candidates): a fault then reads the row's pages only, not a
+    readahead window around them, which under memory pressure (a cgroup smaller than the
+    bank) evicts the rows faster than they are used. The page cache is shared by both maps;
+    scans keep the first one and its readahead. Anything else is returned as it is."""
+    if not isinstance(a, np.memmap) or a.filename is None or a.size == 0:
+        return a
+    if not hasattr(mmap, "MADV_RANDOM"):  # not on every platform
+        return a
+    with open(a.filename, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mm.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mm, a.dtype, a.size, a.offset).reshape(a.shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,12 +120,15 @@ class State:
                 yield int(off + a), torch.from_numpy(seg.vectors[a:b]), dead
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows (any shape) as a tensor of shape rows.shape + (d,), read in file order."""
         r = rows.reshape(-1).numpy()
+        order = np.argsort(r, kind="stable")
         out = np.empty((len(r), self.d), np.float32)
-        seg_of = np.searchsorted(self.offsets, r, side="right") - 1
+        sorted_rows = r[order]
+        seg_of = np.searchsorted(self.offsets, sorted_rows, side="right") - 1
         for s in np.unique(seg_of):
             m = seg_of == s
-            out[m] = self.segments[s].vectors[r[m] - self.offsets[s]]
+            out[order[m]] = self.segments[s].scattered[sorted_rows[m] - self.offsets[s]]
         return torch.from_numpy(out).reshape(*rows.shape, self.d)
 
     def ids(self, rows: torch.Tensor) -> torch.Tensor:
