@@ -1,4 +1,4 @@
-"""Command line: `vqsearch serve`, `compare`, `tokenize` (also `python -m vqsearch ...`)."""
+"""Command line: `vqsearch serve`, `compare`, `tokenize`, `load` (also `python -m vqsearch ...`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenize = sub.add_parser("tokenize", help="every array in a directory to its codes")
     _tokenize.add_arguments(tokenize)
+    from vqsearch import _load
+
+    load = sub.add_parser("load", help="vectors from .npy / .npz files into a data dir's bank")
+    _load.add_arguments(load)
     args = parser.parse_args(argv)
+    if args.command == "load":
+        return _load.run(args)
     if args.command == "compare":
         return _compare.run(args)
     if args.command == "tokenize":
