@@ -126,6 +126,22 @@ def test_persistence_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(a, b)
 
 
+def test_save_writes_the_live_rows_as_one_segment(tmp_path, rng):
+    """save streams the live rows (deleted ones dropped, ids kept) into a new directory."""
+    bank = Bank.create(tmp_path / "a", 16, auto_compact=False)
+    for _ in range(3):
+        bank.add(_vecs(rng, 500))
+    bank.remove(np.arange(0, 1500, 3))
+    copy = bank.save(tmp_path / "b")
+    again = Bank.open(tmp_path / "b")
+    assert again.num_segments == 1 and again.ntotal == 1000
+    np.testing.assert_array_equal(again.ids(), bank.ids())
+    np.testing.assert_array_equal(again.vectors(), bank.vectors())
+    xq = _vecs(rng, 7)
+    for a, b in zip(copy.search(xq, 5), bank.search(xq, 5), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_append_writes_only_a_new_segment(tmp_path, rng):
     """An append leaves existing segment files untouched (same inode and mtime)."""
     bank = Bank.create(tmp_path / "b", 16)

@@ -26,6 +26,7 @@ from . import _compact
 from . import _storage as st
 from ._errors import DuplicateIdError, EmptyBankError, InvalidIdError, RankError, StorageError
 from ._exact import exact_search
+from ._rowsource import BankRows
 from ._state import Segment, State, content_sha
 from ._validate import (
     Metric,
@@ -136,11 +137,13 @@ class Bank:
         return bank
 
     def save(self, path: str | Path) -> Bank:
-        """Write a compacted copy of this bank to a new directory and return it, opened."""
-        state = self._state
-        out = Bank.create(path, self.d, self.metric)
-        if state.ntotal:
-            out.add(self._live_vectors(state), state.all_ids[state.live_rows])
+        """Write a compacted copy of this bank to a new directory and return it, opened: the
+        live rows streamed block by block, then folded into one segment."""
+        out = Bank.create(path, self.d, self.metric, auto_compact=False)
+        for x, ids in BankRows(self._state).blocks():
+            out.add(x, ids)
+        out.compact()
+        out.auto_compact = self.auto_compact
         return out
 
     def _commit(self, state: State) -> State:
