@@ -68,7 +68,7 @@ def single_ms(c: httpx.Client, xq: np.ndarray, **params: Any) -> float:
 
 
 def measure(n: int, port: int) -> dict[str, Any]:
-    data = tempfile.mkdtemp(prefix="vqsearch-scale-", dir=str(Path.cwd()))
+    data = tempfile.mkdtemp(prefix="vqsearch-scale-")
     env = {"VQSEARCH_MAX_BANK_VECTORS": str(n), "VQSEARCH_AUTO_REBUILD": "0"}
     proc = serve(data, port, **env)
     row: dict[str, Any] = {"n": n}

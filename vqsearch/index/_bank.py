@@ -26,7 +26,7 @@ from . import _compact
 from . import _storage as st
 from ._errors import DuplicateIdError, EmptyBankError, InvalidIdError, RankError, StorageError
 from ._exact import exact_search
-from ._rowsource import BankRows
+from ._index_rows import BankRows
 from ._state import Segment, State, content_sha
 from ._validate import (
     Metric,

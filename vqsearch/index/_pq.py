@@ -19,7 +19,7 @@ import numpy as np
 from . import _storage as st
 from ._bank import Bank
 from ._errors import CorruptBankError, FactoryStringError, InvalidInputError
-from ._rowsource import BankRows, MatrixRows, RowSource
+from ._index_rows import BankRows, IndexRows, MatrixRows
 from ._validate import (
     Metric,
     MetricName,
@@ -237,7 +237,7 @@ class ApproxIndex:
                 raise InvalidInputError("a bank brings its own ids; give ids only with a matrix")
             if metric is not None and check_metric(metric).name != xb.metric:
                 raise InvalidInputError(f"the bank's metric is {xb.metric}, not {metric}")
-            src: RowSource = BankRows(xb._state)
+            src: IndexRows = BankRows(xb._state)
             metric = xb._metric
         else:
             metric = check_metric(metric or "l2")
@@ -252,7 +252,7 @@ class ApproxIndex:
     @classmethod
     def _build(
         cls,
-        src: RowSource,
+        src: IndexRows,
         metric: Metric,
         spec: str | None,
         train_size: int,

@@ -67,4 +67,4 @@ class BankRows:
                 yield y.numpy()[keep], ids[keep]
 
 
-RowSource = MatrixRows | BankRows
+IndexRows = MatrixRows | BankRows
