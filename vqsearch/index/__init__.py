@@ -33,7 +33,7 @@ from ._eval import (
 from ._knn import knn
 from ._merge import merge_shards
 from ._pq import TRAIN_SIZE, ApproxIndex, check_spec, default_spec
-from ._proposed import search_index, search_proposed
+from ._proposed import search_index, search_proposed, search_proposed64
 from ._storage import write_bytes as atomic_write
 from ._tradeoff import pareto_front, perturbed_queries, pick, sweep
 from ._validate import METRICS, Metric, MetricName, Queries, as_tensor, check_k
@@ -79,6 +79,7 @@ __all__ = [
     "pick",
     "search_index",
     "search_proposed",
+    "search_proposed64",
     "sweep",
     "time_search",
 ]

@@ -47,6 +47,27 @@ def search_proposed(
     """xq (nq, d) -> D (nq, k) as `Bank.search` reports it, I (nq, k) ids: the k best of the
     candidates `index` proposes, by exact float64 distance from `bank`'s rows. Where fewer
     than k live candidates came back, I is -1 and D is inf (l2) or -inf (ip, cosine)."""
+    D, I = _proposed(bank, index, xq, k, k_factor, nprobe)
+    return bank._metric.reported(D).numpy(), I.numpy()
+
+
+def search_proposed64(
+    bank: Bank,
+    index: Proposer,
+    xq: Any,
+    k: int,
+    k_factor: float = 4.0,
+    nprobe: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`search_proposed` as `merge_shards` takes it: D (nq, k) float64 'smaller is nearer'
+    (inf where I is -1), I (nq, k)."""
+    D, I = _proposed(bank, index, xq, k, k_factor, nprobe)
+    return D.numpy(), I.numpy()
+
+
+def _proposed(
+    bank: Bank, index: Proposer, xq: Any, k: int, k_factor: float, nprobe: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     k_factor = check_k_factor(k_factor)
     state, metric = bank._state, bank._metric
     x = bank._queries(xq)  # the rows as given: scored as Bank.search scores them
@@ -65,7 +86,7 @@ def search_proposed(
         k,
     )
     I[torch.isinf(D)] = -1  # a deleted or absent candidate's slot
-    return metric.reported(D).numpy(), I.numpy()
+    return D, I
 
 
 def search_index(

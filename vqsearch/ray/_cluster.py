@@ -14,7 +14,7 @@ import numpy as np
 import ray
 from ray import exceptions as rx
 
-from vqsearch.index import Queries, merge_shards
+from vqsearch.index import Queries, VQSearchError, merge_shards
 from vqsearch.service import ShardsUnavailableError
 
 from ._shard import BankShard
@@ -49,11 +49,37 @@ class RayShards:
         """Exact top-k: every shard's float64 top-k, merged by (distance, id), once all the
         shards answer at one version that is the bank's `version()` as asked or as it is
         after they answered (a write landed meanwhile: the answer holds it too)."""
+        return self._merged("search64", xq, k, version)
+
+    def search_approx(
+        self,
+        xq: Queries,
+        k: int,
+        spec: str,
+        train_size: int,
+        nprobe: int | None,
+        k_factor: float,
+        version: Callable[[], str],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k: each shard's own index of `spec` proposes, its rows score the
+        proposals exactly, and the answers merge by (distance, id) as exact ones do, at one
+        version as `search` checks it."""
+        return self._merged("search_approx", xq, k, version, spec, train_size, nprobe, k_factor)
+
+    def prepare_index(self, spec: str, train_size: int, version: str) -> None:
+        """Start every shard building its index of `spec` at `version` (not waited for: the
+        first approximate search waits for what is not done)."""
+        for a in self.actors:
+            a.build_index.remote(spec, train_size, version)
+
+    def _merged(
+        self, method: str, xq: Queries, k: int, version: Callable[[], str], *extra: object
+    ) -> tuple[np.ndarray, np.ndarray]:
         # one copy in the object store for all the shards, unless Ray would inline it anyway
         ref = ray.put(xq) if len(xq) * xq.d * 4 > INLINE_BYTES else xq
         want = version()
         for _ in range(ASKS):
-            parts = self._ask("search64", ref, k, want)
+            parts = self._ask(method, ref, k, *extra, want)
             got = {v for _, _, v in parts}
             if len(got) == 1 and got & {want, version()}:
                 return merge_shards([(D, I) for D, I, _ in parts], k, self.metric)
@@ -74,6 +100,11 @@ class RayShards:
         refs = [getattr(a, method).remote(*args) for a in self.actors]
         try:
             return ray.get(refs, timeout=self.timeout)
+        except rx.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, VQSearchError):  # the shard refused (a spec its rows cannot
+                raise cause from exc  # train): the engine's error, answered as such
+            raise
         except DOWN as exc:
             raise ShardsUnavailableError(
                 f"a shard of {self.path.name!r} is not answering ({type(exc).__name__}); "

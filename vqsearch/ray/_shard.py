@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from vqsearch.index import Bank, VQSearchError
+from vqsearch.index import ApproxIndex, Bank, VQSearchError, search_proposed64
 
 RELOADS = 5  # failed reads of the directory before a shard answers from what it holds
 
@@ -22,6 +22,8 @@ class BankShard:
     def __init__(self, path: str, s: int, n: int) -> None:
         self.path, self.s, self.n = Path(path), s, n
         self.bank = self._load(verify=True)
+        self.index: ApproxIndex | None = None  # this shard's own, over its rows
+        self.built: tuple[str, int, str] | None = None  # (spec, train_size, version) of it
 
     def _load(self, verify: bool = False, reuse: Bank | None = None) -> Bank:
         # A (re)started shard checks every file against its manifest's checksum; reloads after
@@ -48,6 +50,40 @@ class BankShard:
             self._reload()
         D, I = self.bank.search64(xq, k)
         return D, I, self.bank.version
+
+    def build_index(self, spec: str, train_size: int, version: str) -> str:
+        """This shard's index of `spec` over its rows at `version` (kept until either
+        changes; a restarted shard builds it again at its first approximate search)."""
+        if self.bank.version != version:
+            self._reload()
+        key = (spec, train_size, self.bank.version)
+        if self.built != key:
+            self.index = None
+            if self.bank.ntotal:
+                self.index = ApproxIndex.build(self.bank, spec=spec, train_size=train_size)
+            self.built = key
+        return self.bank.version
+
+    def search_approx(
+        self,
+        xq: Any,
+        k: int,
+        spec: str,
+        train_size: int,
+        nprobe: int | None,
+        k_factor: float,
+        version: str,
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """Approximate top-k of this shard at `version`: its own index of `spec` proposes,
+        its rows re-rank (`search_proposed64`) -> D (nq, k') float64 exact distances, 'smaller
+        is nearer', I (nq, k'), k' = min(k, its rows), and the version that answered."""
+        answered = self.build_index(spec, train_size, version)
+        if self.index is None:
+            nq = len(xq)
+            return np.empty((nq, 0), np.float64), np.empty((nq, 0), np.int64), answered
+        kk = min(k, self.index.ntotal)
+        D, I = search_proposed64(self.bank, self.index, xq, kk, k_factor, nprobe)
+        return D, I, answered
 
     def ids(self) -> np.ndarray:
         """The ids this shard holds, as loaded (the version it answered last)."""

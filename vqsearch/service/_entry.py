@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vqsearch._wire_names import IndexPhase, SweepPhase
 from vqsearch.index import ApproxIndex, Bank
 
@@ -106,6 +108,15 @@ class Entry:
     sweep: dict[str, Any] = field(
         default_factory=lambda: {"state": SweepPhase.NONE, "progress": 0.0}
     )
+
+    @property
+    def index_rows(self) -> int:
+        """The rows an approximate index is built on: the bank's, or on a cluster, where each
+        shard builds its own, the smallest shard's (what a spec must be able to train on)."""
+        b = self.bank
+        if self.placed is None or b.ntotal == 0:
+            return b.ntotal
+        return int(np.bincount(b.ids() % self.shards, minlength=self.shards).min())
 
     @property
     def version(self) -> str:

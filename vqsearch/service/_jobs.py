@@ -15,7 +15,6 @@ from typing import Any
 from vqsearch.index import (
     TRAIN_SIZE,
     ApproxIndex,
-    Bank,
     StorageError,
     VQSearchError,
     default_spec,
@@ -126,17 +125,15 @@ class Jobs:
         self._writable()
         with entry.lock:
             check_alive(entry)
-            b = entry.bank
-            return self._queue(entry, spec or self.default_spec(b), train_size)
+            return self._queue(entry, spec or self.default_spec(entry), train_size)
 
-    def default_spec(self, bank: Bank) -> str:
-        return default_spec(bank.ntotal, bank.d, self.index_budget)
+    def default_spec(self, entry: Entry) -> str:
+        return default_spec(entry.index_rows, entry.bank.d, self.index_budget)
 
     def build_now(self, entry: Entry) -> IndexState:
         """Build the default index on the calling thread (the builder's own: sweeps)."""
         with entry.lock:
-            b = entry.bank
-            state = entry.build = IndexState(self.default_spec(b))
+            state = entry.build = IndexState(self.default_spec(entry))
         self._build(entry, state)
         return state
 
@@ -186,6 +183,8 @@ class Jobs:
                 entry.working = state
                 if entry.version == version:
                     entry.index, state.state = index, Phase.READY
+                    if entry.placed is not None:  # the shards build theirs meanwhile
+                        entry.placed.prepare_index(state.spec, train, entry.bank.version)
                 else:  # a write landed and did not queue a rebuild (auto-rebuild off)
                     state.state = Phase.STALE
         except (VQSearchError, StorageError, OSError, RuntimeError, MemoryError) as exc:

@@ -260,7 +260,7 @@ class Registry:
     def default_spec(self, entry: Entry) -> str:
         """What a build without a spec builds: from the bank's size and width, its codes
         within the index memory budget."""
-        return self.jobs.default_spec(entry.bank)
+        return self.jobs.default_spec(entry)
 
     def build_now(self, entry: Entry) -> IndexState:
         """Build the default index on the calling thread (the build thread's own: sweeps)."""

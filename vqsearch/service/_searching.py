@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 
-from vqsearch.index import EmptyBankError, Queries, check_k, search_index
+from vqsearch.index import TRAIN_SIZE, EmptyBankError, Queries, check_k, search_index
 
 from ._entry import Entry
 from ._setting import Setting
@@ -79,6 +79,18 @@ def execute(
     index = entry.index
     if index is None or index.spec != setting.spec:
         raise HTTPException(409, f"the approximate index of {entry.name!r} changed; retry")
+    if entry.placed is not None:  # each shard's own index of the spec, over its rows
+        assert setting.k_factor is not None
+        train = entry.working.train_size if entry.working else None
+        return entry.placed.search_approx(
+            xq,
+            k,
+            setting.spec,
+            TRAIN_SIZE if train is None else train,
+            setting.nprobe,
+            setting.k_factor,
+            lambda: entry.bank.version,
+        )
     return search_index(entry.bank, index, xq, k, setting.nprobe, setting.k_factor)
 
 

@@ -38,6 +38,24 @@ class ShardSet(Protocol):
         view, read before and after they answer): D (nq, k) as reported, I (nq, k)."""
         ...
 
+    def search_approx(
+        self,
+        xq: Queries,
+        k: int,
+        spec: str,
+        train_size: int,
+        nprobe: int | None,
+        k_factor: float,
+        version: Callable[[], str],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k: each shard's own index of `spec` proposes, each shard's rows
+        re-rank exactly, merged as exact answers are, at the bank's version."""
+        ...
+
+    def prepare_index(self, spec: str, train_size: int, version: str) -> None:
+        """Have every shard build its index of `spec` at `version`, not waiting for it."""
+        ...
+
     def close(self) -> None: ...
 
 

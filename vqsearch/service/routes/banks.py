@@ -154,7 +154,8 @@ async def build_index(
     # What can be known now is a 422 now, not a failed build later: the spec's sizes against
     # the bank's (read from the text, before faiss allocates), then faiss's own parse.
     kw = {} if p.train_size is None else {"train_size": p.train_size}
-    await run_in_threadpool(check_spec, spec, bank.d, bank.metric, bank.ntotal, **kw)
+    rows = entry.index_rows  # on a cluster each shard trains its own: the smallest's rows
+    await run_in_threadpool(check_spec, spec, bank.d, bank.metric, rows, **kw)
     state = registry.build_index(entry, spec, p.train_size)
     return JSONResponse(state.info(None), status_code=202, headers=_versioned(entry))
 
