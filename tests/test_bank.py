@@ -21,6 +21,7 @@ from vqsearch.index import (
     UnknownIdError,
     ZeroVectorError,
 )
+from vqsearch.index._bank import MAX_SEGMENTS
 
 
 def _vecs(rng, n, d=16):
@@ -308,3 +309,57 @@ def test_streamed_compaction_keeps_writes_made_while_it_ran(tmp_path, rng):
     del again
     reopened = Bank.open(tmp_path / "b")  # the unfinished compaction's parts are leftovers
     assert not list((tmp_path / "b").glob("compact-*")) and reopened.ntotal == len(expect[0])
+
+
+def test_automatic_compaction_folds_the_newest_segments_and_leaves_large_ones(tmp_path, rng):
+    """Appends trigger folds of the small segments at the end only: a large segment written
+    first is never rewritten by them (same file), the segment count stays bounded, and the
+    rows, their order and the answers stay those of the appends."""
+    bank = Bank.create(tmp_path / "b", 16)
+    rows = [_vecs(rng, 3000)]
+    bank.add(rows[0])
+    big = (tmp_path / "b" / "seg-00000000.vectors.npy").stat().st_ino
+    for _ in range(60):
+        rows.append(_vecs(rng, 10))
+        bank.add(rows[-1])
+        assert bank.num_segments <= MAX_SEGMENTS
+    assert bank._state.segments[0].name == "seg-00000000"
+    assert (tmp_path / "b" / "seg-00000000.vectors.npy").stat().st_ino == big
+    x = np.concatenate(rows)
+    np.testing.assert_array_equal(bank.vectors(), x)
+    np.testing.assert_array_equal(bank.ids(), np.arange(len(x)))
+    xq = _vecs(rng, 5)
+    np.testing.assert_array_equal(bank.search(xq, 4)[1], brute_force(xq, x, 4, "l2")[1])
+    again = Bank.open(tmp_path / "b")
+    np.testing.assert_array_equal(again.vectors(), x)
+
+
+def test_a_partial_fold_keeps_writes_made_while_it_ran_and_the_prefix_tombstones(tmp_path, rng):
+    """A fold of the last segments, prepared, then deletions in the segment it leaves and in
+    those it folds and an append, then finished: the live rows are the bank's after the
+    writes, the prefix keeps its own segment (and tombstones), and a reopened bank agrees.
+    With a quarter of the rows dead, the fold is full: every tombstone goes."""
+    bank = Bank.create(tmp_path / "b", 16, auto_compact=False)
+    bank.add(_vecs(rng, 400))
+    for _ in range(17):
+        bank.add(_vecs(rng, 5))
+    bank.remove([3, 402])
+    plan = bank.prepare_compaction()
+    assert plan is not None and plan.first == 1
+    bank.remove([7, 410])
+    bank.add(_vecs(rng, 2), ids=[900, 901])
+    expect = (bank.ids().copy(), bank.vectors(), bank.version, bank.generation)
+    assert bank.finish_compaction(plan)
+    assert bank.num_segments == 3 and bank._state.segments[0].name == "seg-00000000"
+    # ids 3 and 7 in the first segment; 410, deleted after the snapshot, in the folded one
+    assert bank._state.dead.sum() == 3
+    np.testing.assert_array_equal(bank.ids(), expect[0])
+    np.testing.assert_array_equal(bank.vectors(), expect[1])
+    assert (bank.version, bank.generation) == expect[2:]
+    again = Bank.open(tmp_path / "b")
+    np.testing.assert_array_equal(again.vectors(), expect[1])
+    bank.remove(np.arange(100, 250))
+    full = bank.prepare_compaction()
+    assert full is not None and full.first == 0
+    assert bank.finish_compaction(full)
+    assert bank.num_segments == 1 and not bank._state.dead.any()

@@ -420,26 +420,29 @@ class Bank:
 
     def _compact_if_needed(self) -> None:
         if self.auto_compact and self.needs_compaction:
-            self.compact()
+            self.compact(full=False)
 
-    def compact(self) -> bool:
+    def compact(self, full: bool = True) -> bool:
         """Fold the live rows into one segment and drop the tombstones, streaming them (memory
-        of a block, not of the bank); reads and writes go on meanwhile. Returns whether it
-        compacted (not when another compaction came first)."""
-        plan = self.prepare_compaction()
+        of a block, not of the bank); reads and writes go on meanwhile. `full=False`: fold
+        only what `_compact.fold_from` picks (what automatic compaction does). Returns whether
+        it compacted (not when another compaction came first)."""
+        plan = self.prepare_compaction(full)
         return plan is not None and self.finish_compaction(plan)
 
-    def prepare_compaction(self) -> _compact.Compaction | None:
-        """Step one of `compact`: the live rows of the bank as it is now, written to part
-        files (no lock held while they are written). None when there is nothing to fold."""
+    def prepare_compaction(self, full: bool = False) -> _compact.Compaction | None:
+        """Step one of `compact`: the live rows of the bank as it is now (all its segments
+        with `full`, else those `_compact.fold_from` picks), written to part files (no lock
+        held while they are written). None when there is nothing to fold."""
         with self._lock:
             state = self._state
             if len(state.segments) <= 1 and not state.dead.any():
                 return None
+            first = 0 if full else _compact.fold_from(state, MAX_DEAD_FRACTION)
             name = f"seg-{self._next_seg:08d}"
             self._next_seg += 1
         with self._compacting:
-            return _compact.prepare(state, self.path, name)
+            return _compact.prepare(state, self.path, name, first)
 
     def finish_compaction(self, plan: _compact.Compaction) -> bool:
         """Step two: swap the compacted segment in, keeping what was written since step one."""

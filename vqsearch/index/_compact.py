@@ -1,5 +1,6 @@
-"""Compaction by streaming: a snapshot's live rows copied block by block into one new segment
-file, with no lock held and O(block) memory, then swapped in over whatever was written since.
+"""Compaction by streaming: a snapshot's live rows (of all its segments, or of a run at the end:
+`fold_from`) copied block by block into one new segment file, with no lock held and O(block)
+memory, then swapped in over whatever was written since.
 
 Two steps, so that a caller can decide in between whether the swap may still happen (the
 service checks that the bank was not deleted meanwhile):
@@ -36,11 +37,13 @@ PART_PREFIX = "compact-"
 
 @dataclass(frozen=True)
 class Compaction:
-    """A prepared compaction of `snapshot`: the new segment, written under part names."""
+    """A prepared compaction of `snapshot`'s segments from `first` on: the new segment,
+    written under part names."""
 
     snapshot: State
     segment: Segment  # vectors: the part file mapped (or the rows, for a bank in memory)
     parts: dict[str, Path]  # "vectors" / "ids" -> part file
+    first: int = 0  # the segments before it stay as they are
 
     def discard(self) -> None:
         for p in self.parts.values():
@@ -57,8 +60,25 @@ def _write_part(path: Path, write: Callable[[st.HashingWriter], None]) -> str:
     return hw.h.hexdigest()
 
 
-def prepare(snapshot: State, directory: Path | None, name: str) -> Compaction:
-    live = snapshot.live_rows
+def fold_from(state: State, max_dead_fraction: float) -> int:
+    """Which segments a compaction folds: from the returned one to the last. All of them
+    where dead rows pile up (only a full fold drops every tombstone); else the longest run
+    at the end in which each segment holds no more rows than the ones after it, and at least
+    two. Appends of equal size then merge into segments that grow geometrically, so a row
+    is rewritten about log(nb / append) times over a bank's life, not at every fold."""
+    sizes = [len(s.ids) for s in state.segments]
+    if len(sizes) <= 1 or state.dead.sum() > max_dead_fraction * max(len(state.dead), 1):
+        return 0
+    first, acc = len(sizes) - 2, sizes[-1] + sizes[-2]
+    while first > 0 and sizes[first - 1] <= acc:
+        first -= 1
+        acc += sizes[first]
+    return first
+
+
+def prepare(snapshot: State, directory: Path | None, name: str, first: int = 0) -> Compaction:
+    start = int(snapshot.offsets[first])
+    live = snapshot.live_rows[snapshot.live_rows >= start]
     ids = np.ascontiguousarray(snapshot.all_ids[live])
     n, d = len(live), snapshot.d
     content = hashlib.sha256()  # of the vector bytes, then the id bytes (`content_sha`)
@@ -67,7 +87,7 @@ def prepare(snapshot: State, directory: Path | None, name: str) -> Compaction:
         vec = snapshot.take(torch.from_numpy(live)).numpy()
         content.update(vec.tobytes())
         content.update(ids.tobytes())
-        return Compaction(snapshot, Segment(name, vec, ids, content.hexdigest()), {})
+        return Compaction(snapshot, Segment(name, vec, ids, content.hexdigest()), {}, first)
     tag = uuid.uuid4().hex
     parts = {k: directory / f"{PART_PREFIX}{tag}.{k}{PART}" for k in ("vectors", "ids")}
     try:
@@ -92,7 +112,7 @@ def prepare(snapshot: State, directory: Path | None, name: str) -> Compaction:
             p.unlink(missing_ok=True)
         raise st.StorageError(f"cannot compact into {directory}: {exc}") from exc
     files = {"vectors": vec_sha, "ids": ids_sha}
-    return Compaction(snapshot, Segment(name, vec, ids, content.hexdigest(), files), parts)
+    return Compaction(snapshot, Segment(name, vec, ids, content.hexdigest(), files), parts, first)
 
 
 def install(c: Compaction, directory: Path) -> None:
@@ -103,16 +123,17 @@ def install(c: Compaction, directory: Path) -> None:
 
 
 def merged(c: Compaction, current: State) -> State | None:
-    """`current` with the snapshot's segments replaced by the compacted one; None if
-    `current` no longer starts with them (another compaction came first)."""
-    k = len(c.snapshot.segments)
-    if current.segments[:k] != c.snapshot.segments:  # identity: segments are never copied
+    """`current` with the snapshot's segments from `first` on replaced by the compacted one;
+    None if `current` no longer starts with the snapshot's (another compaction came first)."""
+    snap, k = c.snapshot, len(c.snapshot.segments)
+    if current.segments[:k] != snap.segments:  # identity: segments are never copied
         return None
-    n = len(c.snapshot.dead)
-    dead = np.concatenate([current.dead[:n][c.snapshot.live_rows], current.dead[n:]])
+    start, n = int(snap.offsets[c.first]), len(snap.dead)
+    folded = snap.live_rows[snap.live_rows >= start]
+    dead = np.concatenate([current.dead[:start], current.dead[folded], current.dead[n:]])
     return State(
         current.d,
-        (c.segment, *current.segments[k:]),
+        (*current.segments[: c.first], c.segment, *current.segments[k:]),
         dead,
         current.generation,  # no row changed: neither generation nor version
         stamp=current.version,
