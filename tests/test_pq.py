@@ -84,6 +84,8 @@ def test_a_build_from_a_bank_reads_its_live_rows_only(rng):
     assert not np.isin(from_bank.search(xq, 50)[1], gone).any()
     with pytest.raises(InvalidInputError, match="own ids"):
         ApproxIndex.build(bank, ids)
+    with pytest.raises(InvalidInputError, match="ids of shape"):
+        ApproxIndex.build(xb, ids[:10], spec="PQ8x4fs")
     with pytest.raises(InvalidInputError, match="metric is cosine"):
         ApproxIndex.build(bank, metric="l2")
 

@@ -246,6 +246,8 @@ class ApproxIndex:
                 x = normalize(x, "xb")
             xn = x.cpu().numpy()
             ids_a = np.arange(len(xn), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+            if ids_a.shape != (len(xn),):
+                raise InvalidInputError(f"ids of shape {ids_a.shape} for {len(xn)} vectors")
             src = MatrixRows(xn, ids_a)
         return cls._build(src, metric, spec, train_size, seed, budget_bytes)
 

@@ -80,7 +80,6 @@ def execute(
     if index is None or index.spec != setting.spec:
         raise HTTPException(409, f"the approximate index of {entry.name!r} changed; retry")
     if entry.placed is not None:  # each shard's own index of the spec, over its rows
-        assert setting.k_factor is not None
         train = entry.working.train_size if entry.working else None
         return entry.placed.search_approx(
             xq,
@@ -88,7 +87,7 @@ def execute(
             setting.spec,
             TRAIN_SIZE if train is None else train,
             setting.nprobe,
-            setting.k_factor,
+            setting.k_factor or index.k_factor,  # a sweep saved before k_factor applied
             lambda: entry.bank.version,
         )
     return search_index(entry.bank, index, xq, k, setting.nprobe, setting.k_factor)
