@@ -273,8 +273,8 @@ def test_compaction_runs_after_the_write_and_keeps_what_was_written_meanwhile(
     entry = _bank(reg, n=100)
     real, started, go = _compact.prepare, threading.Event(), threading.Event()
 
-    def held_prepare(snapshot, directory, name):
-        plan = real(snapshot, directory, name)
+    def held_prepare(*args):
+        plan = real(*args)
         started.set()
         assert go.wait(60)
         return plan
@@ -289,7 +289,9 @@ def test_compaction_runs_after_the_write_and_keeps_what_was_written_meanwhile(
     version, generation, vectors = entry.version, entry.bank.generation, entry.bank.vectors()
     go.set()
     reg.jobs.drain_compactions()
-    assert entry.bank.num_segments == 2  # the compacted one and the append made meanwhile
+    # the first segment (larger than all after it) stays, the 16 small ones are folded into
+    # one, and the append made meanwhile follows
+    assert entry.bank.num_segments == 3
     assert (entry.version, entry.bank.generation) == (version, generation)
     np.testing.assert_array_equal(entry.bank.vectors(), vectors)
     assert entry.bank.ntotal == 100 + 80 + 2 - 2 and 901 in entry.bank.ids()
@@ -297,12 +299,12 @@ def test_compaction_runs_after_the_write_and_keeps_what_was_written_meanwhile(
     reg.build_index(entry, "PQ4x4fs")
     _idle(reg)
     index = entry.index
-    reg.jobs.compact(entry)  # two segments into one: the index serves on
-    assert entry.bank.num_segments == 1 and entry.index is index and entry.version == version
+    reg.jobs.compact(entry)  # the last two into one: the index serves on
+    assert entry.bank.num_segments == 2 and entry.index is index and entry.version == version
     reg.close()
     again = _registry(tmp_path)
     b = again.get("b")
-    assert b.version == version and b.bank.num_segments == 1 and b.index is not None
+    assert b.version == version and b.bank.num_segments == 2 and b.index is not None
     np.testing.assert_array_equal(b.bank.vectors(), vectors)
     assert not list((tmp_path / "banks" / "b").glob("compact-*"))
     again.close()
