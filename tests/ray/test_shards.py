@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import brute_force
-from vqsearch.index import Bank, Queries
+from vqsearch.index import Bank, CorruptBankError, Queries
 from vqsearch.ray import RayShards
+from vqsearch.ray._shard import BankShard
 from vqsearch.service import ShardsUnavailableError
 
 D = 24
@@ -103,3 +104,23 @@ def test_a_version_no_shard_can_reach_is_refused_not_answered(cluster, tmp_path:
             shards.search(Queries.of(np.zeros((1, D), np.float32), D, "l2"), 1, lambda: "v-never")
     finally:
         shards.close()
+
+
+def test_a_starting_shard_reads_the_directory_again_when_a_compaction_races_it(
+    tmp_path: Path, monkeypatch
+):
+    """A shard (re)started while the server writes may meet a file a compaction just removed:
+    its first read is tried again instead of ending the actor (which Ray would not restart)."""
+    bank = Bank.create(tmp_path / "b", D)
+    bank.add(np.ones((6, D), np.float32))
+    real, calls = BankShard._load, []
+
+    def flaky(self, verify=False, reuse=None):
+        calls.append(verify)
+        if len(calls) < 3:
+            raise CorruptBankError("seg-00000001.vectors.npy: missing data file")
+        return real(self, verify, reuse)
+
+    monkeypatch.setattr(BankShard, "_load", flaky)
+    shard = BankShard(str(tmp_path / "b"), 0, 2)
+    assert calls == [True, True, True] and shard.ids().tolist() == [0, 2, 4]

@@ -40,8 +40,11 @@ def random_access(a: np.ndarray) -> np.ndarray:
         return a
     if not hasattr(mmap, "MADV_RANDOM"):  # not on every platform
         return a
-    with open(a.filename, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with open(a.filename, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError:  # removed since `a` was mapped (a compaction superseded it): `a` serves
+        return a
     mm.madvise(mmap.MADV_RANDOM)
     return np.frombuffer(mm, a.dtype, a.size, a.offset).reshape(a.shape)
 

@@ -21,7 +21,17 @@ class BankShard:
 
     def __init__(self, path: str, s: int, n: int) -> None:
         self.path, self.s, self.n = Path(path), s, n
-        self.bank = self._load(verify=True)
+        # A restarted shard reads the directory while the server goes on writing it: a read
+        # that met a compaction's removal of a file is tried again, as a reload is. An
+        # exception here would end the actor for good (Ray restarts crashed actors only).
+        for attempt in range(RELOADS):
+            try:
+                self.bank = self._load(verify=True)
+                break
+            except (VQSearchError, OSError):
+                if attempt == RELOADS - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         self.index: ApproxIndex | None = None  # this shard's own, over its rows
         self.built: tuple[str, int, str] | None = None  # (spec, train_size, version) of it
 
