@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import brute_force
 from tests.ray.test_shards import clustered, queries
@@ -102,7 +103,7 @@ async def test_index_tradeoff_and_usage_work_on_a_sharded_bank(cluster, tmp_path
     spec over its rows and re-ranks its proposals exactly, merged by (distance, id): every
     distance is its id's float64 one, recall is measured against exact, a spec the smallest
     shard cannot train is a 422, and after a write the shards answer at the new version. A
-    tradeoff sweep (measured, for now, on the server's copy of the whole bank), code usage."""
+    tradeoff sweep measured through the shards, as they serve; code usage."""
     from tests.service.test_api import _wait_index
     from tests.service.test_tradeoff_api import FAST, _wait
 
@@ -150,13 +151,26 @@ async def test_index_tradeoff_and_usage_work_on_a_sharded_bank(cluster, tmp_path
         assert r.status_code == 200, r.text
         assert np.array(r.json()["ids"])[:, 0].tolist() == list(range(9000, 9005))
 
-        r = await c.post("/v1/banks/sharded/tradeoff", json=FAST)
+        r = await c.post("/v1/banks/sharded/tradeoff", json={**FAST, "queries": xq.tolist()})
         assert r.status_code == 202, r.text
         job = await _wait(c, "sharded")
         assert job["state"] == "done", job
+        assert job["report"]["served_by"] == "2 shards"
         points = job["report"]["points"]
         assert [p["recall_1_at_1"] for p in points if p["spec"] == "exact"] == [1.0]
-        assert any(p["spec"] == "PQ12x4fs" for p in points)
+        # the sweep measured the shards as they serve: its recall is that of mode=approx
+        r = await c.post("/v1/banks/sharded/search", json={"queries": xq.tolist(), "k": 10})
+        truth = np.array(r.json()["ids"])
+        own = [p for p in points if p["spec"] == "PQ12x4fs"]
+        assert len(own) == 5
+        for p in own:
+            r = await c.post(
+                f"/v1/banks/sharded/search?mode=approx&k_factor={p['k_factor']}",
+                json={"queries": xq.tolist(), "k": 10},
+            )
+            got = np.array(r.json()["ids"])
+            hits = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)])
+            assert p["recall_10_at_10"] == pytest.approx(hits), p
 
         r = await c.post("/v1/banks/sharded/nearest", json={"queries": xb[:50].tolist()})
         assert r.status_code == 200, r.text

@@ -12,7 +12,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -143,6 +143,34 @@ def _measure(
     return point
 
 
+class Served(Protocol):
+    """How the measured answers are got: exact search, and the approximate search of an
+    index given to `sweep` (a service's own path, such as a sharded bank's shards). Each
+    takes xq (nq, d) and returns (D, I), each (nq, k)."""
+
+    def exact(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def approx(
+        self, index: ApproxIndex, xq: np.ndarray, k: int, nprobe: int | None, k_factor: float | None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """`Served` by the bank in this process: `Bank.search`, `search_index`."""
+
+    bank: Bank
+    device: str = "cpu"
+
+    def exact(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.bank.search(xq, k, device=self.device)
+
+    def approx(
+        self, index: ApproxIndex, xq: np.ndarray, k: int, nprobe: int | None, k_factor: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return search_index(self.bank, index, xq, k, nprobe=nprobe, k_factor=k_factor)
+
+
 def sweep(
     xb: np.ndarray | Bank,
     ids: np.ndarray | None,
@@ -155,12 +183,14 @@ def sweep(
     min_seconds: float = 0.2,
     progress: Callable[[float], None] | None = None,
     device: str = "cpu",
+    served: Served | None = None,
 ) -> dict[str, Any]:
     """Measure exact search, each given index over its grid, and each extra spec (built here,
     then dropped), each as the service serves it (`search_index`). xb (nb, d) with ids, or a
-    `Bank` (its own ids; read where its rows lie, never copied whole); xq (nq, d). Returns a
-    JSON-ready report whose `points` have `pareto` set on (1-recall@1, QPS at
-    `primary_batch`)."""
+    `Bank` (its own ids; read where its rows lie, never copied whole); xq (nq, d). `served`:
+    how exact search and the given indexes answer (default: `InProcess` on xb); the extra
+    specs always answer here. Returns a JSON-ready report whose `points` have `pareto` set
+    on (1-recall@1, QPS at `primary_batch`)."""
     if isinstance(xb, Bank):
         if check_metric(metric).name != xb.metric:
             raise ValueError(f"the bank's metric is {xb.metric}, not {metric}")
@@ -184,11 +214,11 @@ def sweep(
         tick(0.2 * (i + 1) / len(specs))
     todo = [(ix, b, setting) for ix, b in built for setting in grid(ix)]
 
-    def exact_search(b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return bank.search(b, k, device=device)
-
+    here = InProcess(bank, device)
+    given = served or here
+    owned = {id(ix) for ix in indexes}
     exact = Point("exact", bytes_per_vector=4.0 * d)
-    points = [_measure(exact, exact_search, xq, gt, batch_sizes, min_seconds)]
+    points = [_measure(exact, given.exact, xq, gt, batch_sizes, min_seconds)]
     for n, (index, build, (nprobe, k_factor)) in enumerate(todo):
 
         def approx(
@@ -198,7 +228,7 @@ def sweep(
             p: int | None = nprobe,
             f: float | None = k_factor,
         ) -> tuple[np.ndarray, np.ndarray]:
-            return search_index(bank, ix, b, k, nprobe=p, k_factor=f)
+            return (given if id(ix) in owned else here).approx(ix, b, k, p, f)
 
         size = index.nbytes / max(index.ntotal, 1)
         pt = Point(index.spec, nprobe, k_factor, build_seconds=build, bytes_per_vector=size)

@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from vqsearch.index import VQSearchError, perturbed_queries, pick, sweep
+from vqsearch.index import (
+    TRAIN_SIZE,
+    ApproxIndex,
+    Queries,
+    VQSearchError,
+    perturbed_queries,
+    pick,
+    sweep,
+)
 
 from ._entry import TRADEOFF_FILE, Entry, SweepPhase, UnknownBankError
 from ._registry import Registry
@@ -28,6 +37,34 @@ def eval_queries(entry: Entry, queries: np.ndarray | None, n: int) -> tuple[np.n
         if len(sample) >= MIN_RESERVOIR:
             return sample, "reservoir"
     return perturbed_queries(entry.bank.snapshot(), n, entry.bank.metric), "perturbed"
+
+
+@dataclass(frozen=True)
+class OnShards:
+    """A sharded bank's answers as `mode=exact` and `mode=approx` serve them: through its
+    shards (`ShardSet`), each with its own index of the spec."""
+
+    entry: Entry
+
+    def _queries(self, xq: np.ndarray) -> Queries:
+        return Queries.of(xq, self.entry.bank.d, self.entry.bank.metric)
+
+    def exact(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        placed = self.entry.placed
+        assert placed is not None
+        return placed.search(self._queries(xq), k, lambda: self.entry.bank.version)
+
+    def approx(
+        self, index: ApproxIndex, xq: np.ndarray, k: int, nprobe: int | None, k_factor: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        placed, working = self.entry.placed, self.entry.working
+        assert placed is not None
+        train = working.train_size if working and working.train_size else TRAIN_SIZE
+        kf = k_factor or index.k_factor
+        q = self._queries(xq)
+        return placed.search_approx(
+            q, k, index.spec, train, nprobe, kf, lambda: self.entry.bank.version
+        )
 
 
 def start(registry: Registry, entry: Entry, **kw: Any) -> dict[str, Any]:
@@ -60,12 +97,14 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
         def progress(f: float) -> None:
             job["progress"] = round(f, 3)
 
+        on_shards = None if entry.placed is None else OnShards(entry)
         report = sweep(
             bank,
             None,
             entry.bank.metric,
             xq,
             indexes=[own],
+            served=on_shards,
             specs=kw.get("specs", ()),
             batch_sizes=kw.get("batch_sizes", (1, 64, 4096)),
             min_seconds=kw.get("min_seconds", 0.2),
@@ -73,6 +112,7 @@ def _run(registry: Registry, entry: Entry, job: dict[str, Any], kw: dict[str, An
             device=kw.get("device", "cpu"),
         )
         report |= {
+            "served_by": "server" if entry.placed is None else f"{entry.shards} shards",
             "query_source": source,
             "bank_version": version,
             "index_spec": own.spec,
