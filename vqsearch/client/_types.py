@@ -221,6 +221,7 @@ class TradeoffReport(_FromJSON):
     bank_version: str | None = None
     index_spec: str | None = None
     bank: str | None = None
+    served_by: str | None = None  # "server", or "N shards" for a bank on a cluster
 
     @property
     def pareto(self) -> tuple[TradeoffPoint, ...]:
@@ -243,6 +244,7 @@ class TradeoffReport(_FromJSON):
             _str(doc.get("bank_version")),
             _str(doc.get("index_spec")),
             _str(doc.get("bank")),
+            _str(doc.get("served_by")),
             raw=doc,
         )
 
