@@ -66,6 +66,7 @@ def test_appends_to_an_existing_bank_and_checks_it(tmp_path, rng):
         ([tmp_path / "flat.npy"], None, "emb", "(n, d) matrices"),
         (files[:1], "l2", "emb", "metric cosine"),
         (files[:1], None, "../up", "must match"),
+        (files[:1], None, "emb2\n", "must match"),  # the service refuses it too
     ]
     for fs, metric, name, words in cases:
         with pytest.raises(LoadError, match=words.replace("(", r"\(").replace(")", r"\)")):

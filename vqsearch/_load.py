@@ -115,7 +115,7 @@ def load(
     from vqsearch.service._deps import NAME_PATTERN
     from vqsearch.service._lock import DataDirLock, DataDirLockedError
 
-    if not re.match(NAME_PATTERN, name):
+    if not re.fullmatch(NAME_PATTERN, name):  # as the service checks it: no trailing newline
         raise LoadError(f"bank name {name!r} must match {NAME_PATTERN}")
     shapes = [shape_of(f) for f in files]
     bad = [f"{f} {s}" for f, s in zip(files, shapes, strict=True) if len(s) != 2]
