@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 
 from vqsearch.index import ApproxIndex, Bank, VQSearchError, search_proposed64
 
-RELOADS = 5  # failed reads of the directory before a shard answers from what it holds
+RELOADS = 5  # reads of the directory a shard tries (a reload then answers from what it holds)
 
 
 class BankShard:
@@ -21,17 +22,8 @@ class BankShard:
 
     def __init__(self, path: str, s: int, n: int) -> None:
         self.path, self.s, self.n = Path(path), s, n
-        # A restarted shard reads the directory while the server goes on writing it: a read
-        # that met a compaction's removal of a file is tried again, as a reload is. An
-        # exception here would end the actor for good (Ray restarts crashed actors only).
-        for attempt in range(RELOADS):
-            try:
-                self.bank = self._load(verify=True)
-                break
-            except (VQSearchError, OSError):
-                if attempt == RELOADS - 1:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        # An exception here would end the actor for good (Ray restarts crashed actors only).
+        self.bank = self._read(verify=True)
         self.index: ApproxIndex | None = None  # this shard's own, over its rows
         self.built: tuple[str, int, str] | None = None  # (spec, train_size, version) of it
 
@@ -42,16 +34,23 @@ class BankShard:
         bank = Bank.open(self.path, verify=verify, writable=False, auto_compact=False)
         return bank.shard(self.s, self.n, reuse=reuse)
 
+    def _read(self, verify: bool = False, reuse: Bank | None = None) -> Bank:
+        """`_load`, tried again when a read meets a file the manifest named but a compaction
+        of the server (which goes on writing) removed; the last failure is raised."""
+        for attempt in range(RELOADS - 1):
+            try:
+                return self._load(verify, reuse)
+            except (VQSearchError, OSError):
+                time.sleep(0.05 * (attempt + 1))
+        return self._load(verify, reuse)
+
     def _reload(self) -> None:
         # One read that succeeds is the directory as it is: the server acknowledges a version
         # only once its manifest is on disk, so reading again cannot reach an older one; the
-        # caller compares versions (`RayShards.search`).
-        for attempt in range(RELOADS):
-            try:
-                self.bank = self._load(reuse=self.bank)
-                return
-            except (VQSearchError, OSError):  # a compaction removed a file the manifest named
-                time.sleep(0.05 * (attempt + 1))
+        # caller compares versions (`RayShards.search`). Failing, the shard answers from what
+        # it holds, and the caller sees its older version.
+        with contextlib.suppress(VQSearchError, OSError):
+            self.bank = self._read(reuse=self.bank)
 
     def search64(self, xq: Any, k: int, version: str) -> tuple[np.ndarray, np.ndarray, str]:
         """`Bank.search64` of this shard at `version` (read again when it has moved on) ->
