@@ -308,10 +308,11 @@ class Bank:
             return np.empty((len(x), 0), np.float64), np.empty((len(x), 0), np.int64)
         return tuple(to_host(*self._exact(x, k, device, precision)))  # type: ignore[return-value]
 
-    def snapshot(self) -> Bank:
+    def snapshot(self, metric: MetricName | Metric | None = None) -> Bank:
         """This bank's rows as they are now: a bank in memory that no later write changes,
-        sharing this one's segments (memory maps stay maps: nothing is copied)."""
-        out = Bank(self.d, self._metric, auto_compact=False)
+        sharing this one's segments (memory maps stay maps: nothing is copied). `metric`:
+        the same rows, as stored, searched under another metric."""
+        out = Bank(self.d, metric or self._metric, auto_compact=False)
         out._state = self._state
         return out
 
