@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from vqsearch._wire_names import IndexPhase, SweepPhase
-from vqsearch.index import ApproxIndex, Bank
+from vqsearch.index import TRAIN_SIZE, ApproxIndex, Bank, Queries
 
 from ._sampling import Reservoir, Usage
 from ._shards import ShardSet
@@ -66,6 +66,11 @@ class IndexState:
     build_seconds: float | None = None
     train_size: int | None = None
 
+    @property
+    def rows_to_train(self) -> int:
+        """The training sample's size: as asked, else the engine's default."""
+        return TRAIN_SIZE if self.train_size is None else self.train_size
+
     def info(self, index: ApproxIndex | None) -> dict[str, Any]:
         out: dict[str, Any] = {
             "spec": self.spec,
@@ -117,6 +122,23 @@ class Entry:
         if self.placed is None or b.ntotal == 0:
             return b.ntotal
         return int(np.bincount(b.ids() % self.shards, minlength=self.shards).min())
+
+    def approx_on_shards(
+        self,
+        xq: Queries,
+        k: int,
+        index: ApproxIndex,
+        nprobe: int | None,
+        k_factor: float | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`mode=approx` of a bank on a cluster: each shard's own index of the spec of
+        `index` (the one that serves here), trained as it was, at the bank's version."""
+        assert self.placed is not None
+        train = self.working.rows_to_train if self.working else TRAIN_SIZE
+        kf = index.k_factor if k_factor is None else k_factor
+        return self.placed.search_approx(
+            xq, k, index.spec, train, nprobe, kf, lambda: self.bank.version
+        )
 
     @property
     def version(self) -> str:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from vqsearch.index import (
-    TRAIN_SIZE,
     ApproxIndex,
     StorageError,
     VQSearchError,
@@ -165,7 +164,7 @@ class Jobs:
                 state.state, state.progress = Phase.TRAINING, 0.1
                 marker.parent.mkdir(exist_ok=True)
                 marker.write_text(json.dumps({"spec": state.spec}))
-            train = TRAIN_SIZE if state.train_size is None else state.train_size
+            train = state.rows_to_train
             index = ApproxIndex.build(snapshot, spec=state.spec, train_size=train)
             del snapshot
             state.state, state.progress = Phase.SAVING, 0.9

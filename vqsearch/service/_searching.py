@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 
-from vqsearch.index import TRAIN_SIZE, EmptyBankError, Queries, check_k, search_index
+from vqsearch.index import EmptyBankError, Queries, check_k, search_index
 
 from ._entry import Entry
 from ._setting import Setting
@@ -80,16 +80,7 @@ def execute(
     if index is None or index.spec != setting.spec:
         raise HTTPException(409, f"the approximate index of {entry.name!r} changed; retry")
     if entry.placed is not None:  # each shard's own index of the spec, over its rows
-        train = entry.working.train_size if entry.working else None
-        return entry.placed.search_approx(
-            xq,
-            k,
-            setting.spec,
-            TRAIN_SIZE if train is None else train,
-            setting.nprobe,
-            setting.k_factor or index.k_factor,  # a sweep saved before k_factor applied
-            lambda: entry.bank.version,
-        )
+        return entry.approx_on_shards(xq, k, index, setting.nprobe, setting.k_factor)
     return search_index(entry.bank, index, xq, k, setting.nprobe, setting.k_factor)
 
 

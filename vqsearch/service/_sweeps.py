@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from vqsearch.index import (
-    TRAIN_SIZE,
     ApproxIndex,
     Queries,
     VQSearchError,
@@ -57,14 +56,7 @@ class OnShards:
     def approx(
         self, index: ApproxIndex, xq: np.ndarray, k: int, nprobe: int | None, k_factor: float | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        placed, working = self.entry.placed, self.entry.working
-        assert placed is not None
-        train = working.train_size if working and working.train_size else TRAIN_SIZE
-        kf = k_factor or index.k_factor
-        q = self._queries(xq)
-        return placed.search_approx(
-            q, k, index.spec, train, nprobe, kf, lambda: self.entry.bank.version
-        )
+        return self.entry.approx_on_shards(self._queries(xq), k, index, nprobe, k_factor)
 
 
 def start(registry: Registry, entry: Entry, **kw: Any) -> dict[str, Any]:
