@@ -206,6 +206,63 @@ def test_appended_rows_are_read_from_their_file_not_held_in_anonymous_memory(tmp
     assert growth < 48, f"anonymous memory grew {growth:.0f} MiB over 128 MiB of appends"
 
 
+_SPILL_PROBE = """
+import numpy as np, sys
+from pathlib import Path
+from vqsearch.index import Bank
+
+def anon_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+
+bank = Bank.create(sys.argv[1], 64, auto_compact=False)
+rng = np.random.default_rng(0)
+for _ in range(4):
+    bank.add(rng.standard_normal((131072, 64), dtype=np.float32))  # 32 MiB a segment
+spill = Path(sys.argv[2])
+before = anon_mib()
+shard = bank.shard(0, 2, spill=spill)
+held = anon_mib() - before
+shard.search64(np.zeros((1, 64), np.float32), 1)  # a search touches every row
+files = shard.mapped_files()
+print(held, len(files), all(f.parent == spill for f in files))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
+def test_a_spilled_shard_maps_its_rows_from_files_of_its_own(tmp_path):
+    """`Bank.shard(spill=DIR)` writes the shard's rows (64 MiB here: half of 4 segments)
+    to one file a segment in DIR and maps them: the process's anonymous memory does not
+    grow by their size."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SPILL_PROBE, str(tmp_path / "b"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    held, files, inside = float(out[0]), int(out[1]), out[2] == "True"
+    assert files == 4 and inside
+    assert held < 24, f"anonymous memory grew {held:.0f} MiB for a 64 MiB shard"
+
+
+def test_a_spilled_shard_answers_as_one_in_memory(tmp_path, rng):
+    bank = Bank.create(tmp_path / "b", 16, auto_compact=False)
+    for _ in range(3):
+        bank.add(_vecs(rng, 300))
+    bank.remove(np.arange(0, 900, 7))
+    (tmp_path / "spill").mkdir()
+    xq = _vecs(rng, 20)
+    for s in range(3):
+        kept = bank.shard(s, 3)
+        spilled = bank.shard(s, 3, spill=tmp_path / "spill")
+        assert not kept.mapped_files() and len(spilled.mapped_files()) == 3
+        np.testing.assert_array_equal(spilled.ids(), kept.ids())
+        for a, b in zip(spilled.search64(xq, 5), kept.search64(xq, 5), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_compaction_folds_segments_and_keeps_content(tmp_path, rng):
     """Many small appends and deletions trigger compaction; content and search stay the same."""
     bank = Bank.create(tmp_path / "b", 16)

@@ -124,3 +124,28 @@ def test_a_starting_shard_reads_the_directory_again_when_a_compaction_races_it(
     monkeypatch.setattr(BankShard, "_load", flaky)
     shard = BankShard(str(tmp_path / "b"), 0, 2)
     assert calls == [True, True, True] and shard.ids().tolist() == [0, 2, 4]
+
+
+def test_a_shard_maps_its_rows_from_copies_of_its_own_and_removes_them(tmp_path: Path, rng):
+    """A shard's rows are files in a directory of its own, mapped: kept across reloads for
+    the segments that stay, removed for the ones a compaction replaced, and all removed by
+    `close`."""
+    bank = Bank.create(tmp_path / "b", D, auto_compact=False)
+    for _ in range(3):
+        bank.add(clustered(rng, 100))
+    shard = BankShard(str(tmp_path / "b"), 1, 2)
+    first = {f: f.stat().st_ino for f in shard.spill.iterdir()}
+    assert len(first) == 3 and shard.bank.mapped_files() == set(first)
+    bank.add(clustered(rng, 100))
+    shard.search64(clustered(rng, 2), 3, bank.version)  # a new version: read again
+    now = {f: f.stat().st_ino for f in shard.spill.iterdir()}
+    assert len(now) == 4 and all(now[f] == ino for f, ino in first.items())  # not rewritten
+    bank.compact()  # the same content, so the same version: then one more row
+    bank.add(clustered(rng, 2))
+    _, _, v = shard.search64(clustered(rng, 2), 3, bank.version)
+    files = set(shard.spill.iterdir())
+    assert v == bank.version and files == shard.bank.mapped_files()
+    assert not files & set(now) and len(files) == 2  # the compacted segment, the new one
+    np.testing.assert_array_equal(np.sort(shard.ids()), np.sort(bank.ids()[bank.ids() % 2 == 1]))
+    shard.close()
+    assert not shard.spill.exists()

@@ -245,6 +245,11 @@ class Bank:
     def num_segments(self) -> int:
         return len(self._state.segments)
 
+    def mapped_files(self) -> set[Path]:
+        """The files this bank's rows are memory-mapped from (none for rows in memory)."""
+        arrays = (seg.vectors for seg in self._state.segments)
+        return {Path(a.filename) for a in arrays if isinstance(a, np.memmap) and a.filename}
+
     def ids(self) -> np.ndarray:
         """Live ids (ntotal,) in storage order."""
         state = self._state
@@ -316,15 +321,17 @@ class Bank:
         out._state = self._state
         return out
 
-    def shard(self, s: int, n: int, reuse: Bank | None = None) -> Bank:
-        """Shard s of n: a bank in memory (a snapshot: writes to it change it alone) holding
+    def shard(self, s: int, n: int, reuse: Bank | None = None, spill: Path | None = None) -> Bank:
+        """Shard s of n: a bank of copies (a snapshot: writes to it change it alone) holding
         the rows whose id % n == s, their float32 values as stored (not normalised again),
         dead where they are dead here, at this bank's version. An id always lands on the
         same shard, whatever was appended or removed before.
 
         reuse: an earlier shard s of n of this bank; its copies of the segments both have
         are taken as they are (segments never change once written), so reading a bank
-        again after a write copies only the new segments' rows."""
+        again after a write copies only the new segments' rows.
+        spill: a directory of this process's own for the copies, one .npy file a segment,
+        memory-mapped (the page cache holds them, not this process); None: in memory."""
         if not 0 <= s < n:
             raise RankError(f"shard {s} of {n}: need 0 <= shard < shards")
         state = self._state
@@ -340,7 +347,11 @@ class Bank:
             key = f"{seg.content}:{s}/{n}"
             got = held.get(key)
             if got is None:
-                vec = np.ascontiguousarray(seg.vectors[mine])
+                if spill is None:
+                    vec = np.ascontiguousarray(seg.vectors[mine])
+                else:
+                    rows = np.flatnonzero(mine)
+                    vec = st.spill_rows(spill / f"{seg.content}-{s}-{n}.npy", seg.vectors, rows)
                 got = Segment(seg.name, vec, seg.ids[mine], key)
             segs.append(got)
             dead.append(state.dead[off : off + len(seg.ids)][mine])

@@ -128,3 +128,20 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if doc.pop("manifest_sha256", None) != _digest(doc):
         raise CorruptBankError(f"{path}: checksum mismatch (manifest altered)")
     return doc
+
+
+def spill_rows(path: Path, src: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`src[rows]` (m, d) written to the .npy file `path` block by block and mapped (copy on
+    write, as a bank's segments are; never written): a copy held in the page cache, which the
+    kernel may evict, never whole in this process's own memory. A scratch file for this
+    process, not a bank's: not fsynced."""
+    m, d = len(rows), src.shape[1]
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(m, d))
+    step = max(1, _CHUNK // max(1, d * src.itemsize))
+    for i in range(0, m, step):
+        out[i : i + step] = src[rows[i : i + step]]
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="c")  # as a bank's own segments are: torch takes them

@@ -3,6 +3,7 @@ that places them (`Cluster`, the service's `Placement`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -112,6 +113,9 @@ class RayShards:
             ) from exc
 
     def close(self) -> None:
+        # each shard removes its copies first, if it answers in time; then it is stopped
+        with contextlib.suppress(rx.RayError):
+            ray.get([a.close.remote() for a in self.actors], timeout=10)
         for a in self.actors:
             ray.kill(a)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,13 @@ class BankShard:
 
     def __init__(self, path: str, s: int, n: int) -> None:
         self.path, self.s, self.n = Path(path), s, n
+        # Its rows, copied out of the bank's segments (a shard's rows are every n-th of
+        # them), live in files of its own on this node's disk, memory-mapped: the page cache
+        # holds them, evictable, not the actor. A restarted shard starts the directory afresh.
+        tag = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        self.spill = Path(tempfile.gettempdir()) / "vqsearch-shards" / f"{tag}-{s}-{n}"
+        shutil.rmtree(self.spill, ignore_errors=True)
+        self.spill.mkdir(parents=True)
         # An exception here would end the actor for good (Ray restarts crashed actors only).
         self.bank = self._read(verify=True)
         self.index: ApproxIndex | None = None  # this shard's own, over its rows
@@ -32,7 +42,12 @@ class BankShard:
         # a write do not hash the whole bank again: the writer hashed each file as it wrote
         # it, and names it in a manifest only once it is whole on disk.
         bank = Bank.open(self.path, verify=verify, writable=False, auto_compact=False)
-        return bank.shard(self.s, self.n, reuse=reuse)
+        mine = bank.shard(self.s, self.n, reuse=reuse, spill=self.spill)
+        used = mine.mapped_files()
+        for f in self.spill.iterdir():  # the copies of segments a compaction replaced
+            if f not in used:
+                f.unlink(missing_ok=True)
+        return mine
 
     def _read(self, verify: bool = False, reuse: Bank | None = None) -> Bank:
         """`_load`, tried again when a read meets a file the manifest named but a compaction
@@ -93,6 +108,10 @@ class BankShard:
         kk = min(k, self.index.ntotal)
         D, I = search_proposed64(self.bank, self.index, xq, kk, k_factor, nprobe)
         return D, I, answered
+
+    def close(self) -> None:
+        """Remove this shard's copies (the bank is closed, or deleted)."""
+        shutil.rmtree(self.spill, ignore_errors=True)
 
     def ids(self) -> np.ndarray:
         """The ids this shard holds, as loaded (the version it answered last)."""
