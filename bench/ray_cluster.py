@@ -3,8 +3,10 @@ of this machine (a head with no CPUs and two worker nodes of 1 CPU, `ray.cluster
 
 1. exact top-10 of 1000 queries from the data on a 2,000,000 x 128 clustered bank: its two
    shards on the two nodes (`RayShards`) against the bank searched whole in process;
-2. HTTP: `vqsearch serve --ray` on a 16384 x 256 codebook made with `?shards=2` against plain
-   `vqsearch serve`: 64 clients sending one vector at a time, and 4096-row batches;
+2. HTTP on a 16384 x 256 codebook against plain `vqsearch serve`: `--ray` with the bank made
+   `?shards=2`, Ray Serve replicas of the API (`VQSEARCH_RAY_REPLICAS=2`), and, for 1-vector
+   requests, a bare `@serve.batch` deployment (Serve's batching against the service's);
+   64 clients sending one vector at a time, and 4096-row batches;
 3. `vqsearch tokenize` of files of latents, on Ray Data and in process, against `nearest` on
    the same arrays in process (vectors/s).
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -26,13 +27,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 from _machine import cpu  # bench/ is on sys.path when run as a script
-from load import serve
+from load import serve as start_server
 from serving import NB as CN
 from serving import D as CD
-from serving import best, singles
+from serving import best
 
 from vqsearch.__main__ import main as cli
 from vqsearch.client import AsyncClient, Client
@@ -113,43 +116,111 @@ def sharded_search(tmp: Path, rows: int, rng: np.random.Generator) -> list[str]:
     ]
 
 
+async def json_singles(url: str, clients: int, seconds: float, codebook: np.ndarray) -> float:
+    """Requests per second of `clients` loops each POSTing one vector as JSON to `nearest`
+    (the one request every server measured here takes alike, @serve.batch's included)."""
+    stop, done = time.monotonic() + seconds, 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def loop(c: httpx.AsyncClient, w: int) -> None:
+        nonlocal done
+        rng = np.random.default_rng(w)
+        while time.monotonic() < stop:
+            z = codebook[rng.integers(CN)] + 0.1 * rng.standard_normal(CD).astype(np.float32)
+            r = await c.post("/v1/banks/cb/nearest", json={"queries": [z.tolist()]})
+            r.raise_for_status()
+            done += 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        t0 = time.monotonic()
+        await asyncio.gather(*(loop(c, w) for w in range(clients)))
+        return done / (time.monotonic() - t0)
+
+
+def serve_batch_app(data: Path, replicas: int) -> Any:
+    """The alternative to the service's micro-batching: Ray Serve's own `@serve.batch` over
+    the same bank, `replicas` replicas of 1 CPU, the same JSON in and out (nothing else)."""
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=replicas, max_ongoing_requests=1024)
+    class Batched:
+        def __init__(self, path: str) -> None:
+            self.bank = Bank.open(Path(path), writable=False)
+
+        @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.002)
+        async def nearest(self, rows: list[np.ndarray]) -> list[np.ndarray]:
+            xq = np.concatenate(rows)
+            _, I = await asyncio.to_thread(self.bank.search, xq, 1, device="cpu")
+            return np.split(I[:, 0], np.cumsum([len(r) for r in rows])[:-1])
+
+        async def __call__(self, request: Request) -> JSONResponse:
+            xq = np.asarray((await request.json())["queries"], np.float32)
+            return JSONResponse({"codes": (await self.nearest(xq)).tolist()})
+
+    return Batched.bind(str(data / "banks" / "cb"))
+
+
 def http(tmp: Path, address: str, seconds: float, rng: np.random.Generator) -> list[str]:
+    """One server at a time (the shards and the replicas share the two CPUs of the cluster),
+    each measured twice, best kept."""
+    from ray import serve
+
     codebook = rng.standard_normal((CN, CD)).astype(np.float32)
     xq = (codebook[rng.integers(0, CN, 4096)] + 0.1 * rng.standard_normal((4096, CD))).astype(
         np.float32
     )
     env = {"VQSEARCH_MAX_INFLIGHT": "1024", "VQSEARCH_AUTO_REBUILD": "0", "VQSEARCH_DEVICE": "cpu"}
-    urls = {}
-    with contextlib.ExitStack() as stack:
-        for name, port, args, shards in (
-            ("plain", 18700, [], 1),
-            ("ray", 18701, ["--ray", address], 2),
-        ):
-            proc = serve(str(tmp / name), port, args, **env)
-            stack.callback(proc.wait, 60)
-            stack.callback(proc.terminate)
-            urls[name] = f"http://127.0.0.1:{port}"
-            with Client(urls[name], timeout=120) as c:
+    replicas = {"VQSEARCH_RAY_REPLICAS": "2", "VQSEARCH_RAY_REPLICA_CPUS": "1"}
+    one: dict[str, float] = {}
+    big: dict[str, float] = {}
+    rows = (
+        ("plain", 18700, [], 1, {}),
+        ("ray", 18701, ["--ray", address], 2, {}),
+        ("replicas", 18702, ["--ray", address], 1, replicas),
+    )
+    for name, port, args, shards, extra in rows:
+        proc = start_server(str(tmp / name), port, args, **env, **extra)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            with Client(url, timeout=120) as c:
                 c.create_bank("cb", codebook, shards=shards)
                 assert c.get_bank("cb").shards == shards
-        one: dict[str, list[float]] = {n: [] for n in urls}
-        big: dict[str, list[float]] = {n: [] for n in urls}
-        for _ in range(2):
-            for name, url in urls.items():
-                one[name].append(asyncio.run(singles(url, 64, seconds, codebook)))
-                big[name].append(asyncio.run(batches(url, seconds, xq)))
-                print(name, one[name][-1], big[name][-1], flush=True)
-    o = {n: max(v) for n, v in one.items()}
-    b = {n: max(v) for n, v in big.items()}
+            one[name] = max(asyncio.run(json_singles(url, 64, seconds, codebook)) for _ in "ab")
+            big[name] = max(asyncio.run(batches(url, seconds, xq)) for _ in "ab")
+            print(name, one[name], big[name], flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(120)
+    # the same bank (the plain server's data dir, closed now) behind @serve.batch replicas
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": 18703})
+    try:
+        serve.run(serve_batch_app(tmp / "plain", 2), name="batch", route_prefix="/")
+        url = "http://127.0.0.1:18703"
+        one["batch"] = max(asyncio.run(json_singles(url, 64, seconds, codebook)) for _ in "ab")
+        print("batch", one["batch"], flush=True)
+    finally:
+        serve.shutdown()
+    o, b = one, big
     return [
-        f"## HTTP, `nearest` on a {CN} x {CD} codebook, {seconds:.0f} s per run, best of 2 rounds",
+        f"## HTTP, `nearest` on a {CN} x {CD} codebook, {seconds:.0f} s per run, best of 2",
         "",
-        "| load | plain `vqsearch serve` | `--ray`, `?shards=2` | ray / plain |",
-        "|---|---|---|---|",
-        f"| 64 clients, 1 vector each (requests/s) | {o['plain']:.0f} | {o['ray']:.0f} | "
-        f"{o['ray'] / o['plain']:.2f} |",
-        f"| 2 clients, 4096-row batches (rows/s) | {b['plain']:.0f} | {b['ray']:.0f} | "
-        f"{b['ray'] / b['plain']:.2f} |",
+        "Servers: plain `vqsearch serve`; `--ray` with the bank made `?shards=2` (2 shard "
+        "actors, 1 CPU each); `VQSEARCH_RAY_REPLICAS=2` (2 Ray Serve replicas of the HTTP "
+        "API, 1 CPU each, the service's micro-batching, a writer deployment behind them); and "
+        "2 replicas of a bare Ray Serve deployment batching with `@serve.batch` (max 4096 "
+        "rows, 2 ms) over the same bank. One vector a request, as JSON, from 64 clients.",
+        "",
+        "| load | plain | `--ray` shards=2 | Serve replicas | `@serve.batch` |",
+        "|---|---|---|---|---|",
+        f"| 64 clients x 1 vector (requests/s) | {o['plain']:.0f} | {o['ray']:.0f} "
+        f"({o['ray'] / o['plain']:.2f}x) | {o['replicas']:.0f} "
+        f"({o['replicas'] / o['plain']:.2f}x) | {o['batch']:.0f} "
+        f"({o['batch'] / o['plain']:.2f}x) |",
+        f"| 2 clients x 4096 rows (rows/s) | {b['plain']:.0f} | {b['ray']:.0f} "
+        f"({b['ray'] / b['plain']:.2f}x) | {b['replicas']:.0f} "
+        f"({b['replicas'] / b['plain']:.2f}x) | |",
         "",
     ]
 

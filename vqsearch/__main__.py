@@ -47,10 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     if args.ray is not None:
         settings = settings.model_copy(update={"ray_address": args.ray})
+    replicas = bool(settings.ray_replicas or settings.ray_max_replicas)
+    if replicas and settings.ray_address is None:
+        parser.error("VQSEARCH_RAY_REPLICAS needs a Ray cluster: --ray or VQSEARCH_RAY_ADDRESS")
     if args.workers > 1 and settings.ray_address is not None:
         parser.error("--workers > 1 with a Ray cluster: each worker would place every shard")
-    host = args.host or settings.host
-    port = settings.port if args.port is None else args.port
+    if args.host or args.port is not None:
+        settings = settings.model_copy(
+            update={
+                "host": args.host or settings.host,
+                "port": settings.port if args.port is None else args.port,
+            }
+        )
+    host, port = settings.host, settings.port
     configure_logging(settings.log_level)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("vqsearch").warning(
@@ -72,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vqsearch: {exc}", file=sys.stderr)
             return 1
         probe.release()
+    if replicas:
+        from vqsearch.ray import serve_on_ray
+
+        serve_on_ray(settings)  # the writer, a Serve deployment, takes the lock
+        return 0
     from vqsearch.service._protocol import LimitedHttpToolsProtocol, raise_fd_limit
 
     raise_fd_limit()

@@ -292,3 +292,46 @@ def test_kuberay_manifest_runs_the_server_on_the_head_it_starts():
     svc = docs["Service"]["spec"]
     assert svc["selector"] == {"ray.io/cluster": rc["metadata"]["name"], "ray.io/node-type": "head"}
     assert svc["ports"][0]["targetPort"] == "http"
+
+
+def test_rayservice_manifest_serves_the_api_from_ray_serve_replicas():
+    """deploy/rayservice.yaml (its shape checked here, as for kuberay.yaml): a RayService at
+    the pinned Ray version whose Serve config names `vqsearch.ray:application` with arguments
+    that build the application (read replicas autoscaled in front of one writer), the head
+    on the data volume read-write (the writer runs there), the workers read-only."""
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed")
+    from ray.serve import Application
+
+    from vqsearch.ray import application
+    from vqsearch.ray._serve import scaling
+    from vqsearch.service import Settings
+
+    docs = {
+        d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "rayservice.yaml").read_text())
+    }
+    assert set(docs) == {"PersistentVolumeClaim", "RayService"}
+    rs = docs["RayService"]
+    assert rs["apiVersion"] == "ray.io/v1"
+    pinned = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert pinned and rs["spec"]["rayClusterConfig"]["rayVersion"] == pinned.group(1)
+    config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    assert config["http_options"]["port"] == 8000
+    (app,) = config["applications"]
+    assert app["import_path"] == "vqsearch.ray:application" and app["route_prefix"] == "/"
+    assert set(app["args"]) <= set(Settings.model_fields)
+    assert isinstance(application(app["args"]), Application)
+    scale = scaling(Settings(**app["args"]))
+    assert scale == {"autoscaling_config": {"min_replicas": 2, "max_replicas": 8}}
+    fields = {f"VQSEARCH_{name.upper()}" for name in Settings.model_fields}
+    cluster = rs["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod, ro in zip(pods, (False, True), strict=True):  # the writer runs on the head
+        spec = pod["template"]["spec"]
+        (c,) = spec["containers"]
+        assert {e["name"] for e in c["env"]} <= fields
+        assert {e["name"]: e["value"] for e in c["env"]}["VQSEARCH_DATA_DIR"] == "/data"
+        claim = {"claimName": "vqsearch-data"} | ({"readOnly": True} if ro else {})
+        assert spec["volumes"] == [{"name": "data", "persistentVolumeClaim": claim}]
+        mount = {"name": "data", "mountPath": "/data"} | ({"readOnly": True} if ro else {})
+        assert c["volumeMounts"] == [mount]
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]

@@ -95,15 +95,19 @@ def ray_started() -> Iterator[tuple[str, str]]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("how", ["HOST:PORT", "auto"])
+@pytest.mark.parametrize("how", ["HOST:PORT", "auto", "replicas"])
 def test_serve_on_a_started_cluster(ray_started: tuple[str, str], how, tmp_path: Path, rng) -> None:
-    """`--ray HOST:PORT`, and `--ray auto` (the cluster this host's head started, as the
-    compose file and the KubeRay manifest run it)."""
+    """`--ray HOST:PORT`, `--ray auto` (the cluster this host's head started, as the
+    compose file and the KubeRay manifest run it), and Ray Serve replicas of the HTTP API
+    (`VQSEARCH_RAY_REPLICAS`) in front of a writer deployment."""
     xb = clustered(rng, 500)
     xq = queries(rng, xb)
     address, temp = ray_started
-    arg = address if how == "HOST:PORT" else "auto"
-    srv = Server(tmp_path / "data", args=["--ray", arg], RAY_TMPDIR=temp).start()
+    arg = "auto" if how == "auto" else address
+    env = {"RAY_TMPDIR": temp}
+    if how == "replicas":  # the cluster's 2 CPUs are for the shards
+        env |= {"VQSEARCH_RAY_REPLICAS": "2", "VQSEARCH_RAY_REPLICA_CPUS": "0"}
+    srv = Server(tmp_path / "data", args=["--ray", arg], **env).start()
     try:
         with Client(srv.url) as c:
             info = c.create_bank("cb", xb, shards=2)
@@ -116,8 +120,8 @@ def test_serve_on_a_started_cluster(ray_started: tuple[str, str], how, tmp_path:
             codes = c.nearest("cb", xb[2:7] + 0.5).codes
             assert codes.tolist() == ids.tolist()
             assert c.get_bank("cb").count == 505
-        srv.stop()  # SIGTERM: uvicorn's graceful stop, not Ray's handler's sys.exit(15)
-        # uvicorn re-raises the SIGTERM it handled once shutdown is done
+        srv.stop()  # SIGTERM: uvicorn's graceful stop (or Serve's app deleted), not Ray's
+        # handler's sys.exit(15); uvicorn re-raises the SIGTERM it handled once it is done
         assert srv.proc is not None and srv.proc.returncode in (0, -signal.SIGTERM)
     finally:
         srv.stop()

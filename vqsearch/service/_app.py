@@ -25,7 +25,7 @@ from vqsearch.index import DuplicateIdError, InvalidInputError, StorageError
 
 from ._admission import AdmissionMiddleware
 from ._budget import Budget
-from ._deps import add_fast_routes, check_access
+from ._deps import add_fast_routes, check_access, write_routes
 from ._entry import (
     BankExistsError,
     LimitError,
@@ -34,6 +34,7 @@ from ._entry import (
     UnknownBankError,
 )
 from ._errors_doc import error_body, status_kind
+from ._forward import Forward, ForwardWrites
 from ._memory import memory_limit
 from ._observe import Metrics, ObserveMiddleware, trim_periodically
 from ._registry import Registry
@@ -136,8 +137,12 @@ def demo_codebook() -> np.ndarray:
     return np.random.default_rng(DEMO_SEED).standard_normal(DEMO_SHAPE, dtype=np.float32)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, forward: Forward | None = None) -> FastAPI:
+    """The app serving `settings`. With `forward` it is a replica that serves reads and sends
+    every write on to the writer through it (`_forward`; `settings.read_only` must be set)."""
     settings = settings or Settings()
+    if forward is not None and not settings.read_only:
+        raise ValueError("an app that forwards its writes is a read-only replica")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -158,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             cluster,
             index_budget=int(settings.index_memory_fraction * memory_limit()),
         )
+        registry.follow_writes = forward is not None
         if not settings.auth_enabled:
             log.warning(
                 "no API keys set (VQSEARCH_READ_KEYS / VQSEARCH_ADMIN_KEYS): anyone who reaches "
@@ -210,6 +216,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lambda: getattr(app.state, "registry", None), lambda: app.state.batcher.waiting_rows
     )
     app.state.budget = Budget(settings.memory_budget)
+    if forward is not None:  # inside the admission limits, which hold for forwarded bodies too
+        app.add_middleware(ForwardWrites, forward=forward, writes=lambda: write_routes(app))
     app.add_middleware(
         AdmissionMiddleware,
         max_inflight=settings.max_inflight,

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
-from starlette.routing import Match, Route
+from starlette.routing import Match, Route, compile_path
 from starlette.types import Scope
 
 from vqsearch._wire_names import VERSION_HEADER
@@ -308,3 +308,14 @@ def add_fast_routes(app: FastAPI) -> None:
             ):
                 fast.append(FastEntryRoute(context, access))
         routes[i:i] = fast
+
+
+def write_routes(app: FastAPI) -> list[tuple[re.Pattern[str], frozenset[str]]]:
+    """(path regex, methods) of every route that declares `Writes`: what a replica that serves
+    reads sends on to the writer (`_forward.ForwardWrites`)."""
+    found = []
+    for context in iter_route_contexts(app.routes):
+        route, path = context.original_route, context.path
+        if isinstance(route, APIRoute) and path and "admin" in _access_of(context.dependant):
+            found.append((compile_path(path)[0], frozenset(context.methods or ())))
+    return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,9 +180,15 @@ def disk_bytes(p: Path | None) -> int:
 
 
 def stamp_of(p: Path) -> tuple[int, ...]:
-    """Change marks of a bank directory: manifest, index sidecar and sweep report mtimes."""
-    files = (p / "manifest.json", p / (INDEX_FILE + ".json"), p / TRADEOFF_FILE)
-    return tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files)
+    """Change marks of a bank directory: a checksum of its manifest (0: none; two writes
+    within one tick of the file clock leave the same mtime, never the same manifest, whose
+    generation counts every write), and the index sidecar's and sweep report's mtimes."""
+    try:
+        manifest = zlib.crc32((p / "manifest.json").read_bytes()) + 1
+    except FileNotFoundError:
+        manifest = 0
+    files = (p / (INDEX_FILE + ".json"), p / TRADEOFF_FILE)
+    return (manifest, *(f.stat().st_mtime_ns if f.exists() else 0 for f in files))
 
 
 def check_alive(entry: Entry) -> None:

@@ -62,6 +62,10 @@ class Registry:
         self.entries: dict[str, Entry] = {}
         self.loaded = False
         self._lock = threading.Lock()
+        # a replica whose writes go to a writer elsewhere (`_forward`) reads a bank's files
+        # again before each request when they changed: what the writer acknowledged is served
+        self.follow_writes = False
+        self._follow_lock = threading.RLock()
         self.jobs = Jobs(auto_rebuild, read_only, index_budget)
         self._dir_lock = DataDirLock(self.root)
 
@@ -82,12 +86,21 @@ class Registry:
                 log.error("bank %s not loaded: %s", p.name, exc)
         self.loaded = True
 
-    def _open(self, p: Path) -> Entry:
+    def _open(self, p: Path, old: Entry | None = None) -> Entry:
+        stamp = stamp_of(p)
         bank = Bank.open(p, writable=not self.read_only, auto_compact=False)
-        entry = Entry(p.name, bank, shards=read_shards(p), stamp=stamp_of(p))
+        entry = Entry(p.name, bank, shards=read_shards(p), stamp=stamp)
         self._place(entry)
-        self.jobs.load_index(entry)
-        self._load_tradeoff(entry)
+        if old is not None and old.stamp[1:] == stamp[1:]:
+            # the index and the sweep are the files they were: kept, not read again (an
+            # index is large), and the index serves only while it matches the bank
+            entry.working, entry.build, entry.tradeoff = old.working, old.build, old.tradeoff
+            entry.sweep = old.sweep
+            if old.index is not None and old.build and old.build.bank_version == entry.version:
+                entry.index = old.index
+        else:
+            self.jobs.load_index(entry)
+            self._load_tradeoff(entry)
         self._attach(entry)
         return entry
 
@@ -97,22 +110,32 @@ class Registry:
         kept as it was and looked at again next time."""
         seen = set()
         for p in sorted(self.banks_dir.iterdir()) if self.banks_dir.exists() else []:
-            if p.name.startswith("."):
-                continue
-            seen.add(p.name)
+            if not p.name.startswith("."):
+                seen.add(p.name)
+                self._take_up(p)
+        for name in set(self.entries) - seen:
+            del self.entries[name]
+
+    def _take_up(self, p: Path) -> None:
+        """The bank in `p` as its files are now, if they changed: opened again (absent: gone).
+        A bank caught mid-change is kept as it was."""
+        with self._follow_lock:
             old = self.entries.get(p.name)
             try:
-                if old is not None and old.stamp == stamp_of(p):
-                    continue
-                new = self._open(p)
+                stamp = stamp_of(p)
+                if stamp[0] == 0:  # no manifest: deleted (or not yet whole)
+                    if old is not None and not p.exists():
+                        del self.entries[p.name]
+                    return
+                if old is not None and old.stamp == stamp:
+                    return
+                new = self._open(p, old)
             except (VQSearchError, OSError) as exc:
                 log.warning("bank %s not refreshed: %s", p.name, exc)
-                continue
+                return
             if old is not None:
                 new.usage, new.reservoir = old.usage, old.reservoir
             self.entries[p.name] = new
-        for name in set(self.entries) - seen:
-            del self.entries[name]
 
     def _place(self, entry: Entry) -> None:
         """Start a sharded bank's shards on the cluster (a server without one searches the
@@ -146,9 +169,13 @@ class Registry:
 
     def list(self) -> list[Entry]:
         """Every bank, by name (the same order across restarts)."""
+        if self.follow_writes:
+            self.refresh()
         return sorted(self.entries.values(), key=lambda e: e.name)
 
     def get(self, name: str) -> Entry:
+        if self.follow_writes:
+            self._take_up(self.banks_dir / name)
         try:
             return self.entries[name]
         except KeyError:

@@ -41,7 +41,21 @@ class Settings(BaseSettings):
         description="HOST:PORT of a Ray cluster (`ray start --head`): banks made with ?shards=N "
         "are split over N shard actors on its nodes; unset, Ray is never imported",
     )
-    ray_gpus: float = Field(0.0, ge=0, description="GPUs each shard actor takes (num_gpus)")
+    ray_gpus: float = Field(
+        0.0, ge=0, description="GPUs each shard actor and each HTTP replica takes (num_gpus)"
+    )
+    ray_replicas: int = Field(
+        0,
+        ge=0,
+        description="with a Ray cluster: serve HTTP from this many Ray Serve replicas (reads; "
+        "writes go to one writer deployment); 0: this process serves, as without replicas",
+    )
+    ray_max_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="autoscale the Ray Serve replicas between VQSEARCH_RAY_REPLICAS and this",
+    )
+    ray_replica_cpus: float = Field(1.0, ge=0, description="CPUs each Ray Serve replica takes")
     ray_timeout: float = Field(
         30.0, gt=0, description="seconds a shard may take to answer before the request gets 503"
     )
