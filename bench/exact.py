@@ -31,6 +31,10 @@ CASES = [
     # name, nb, d, nq, k, data
     ("codebook 16384x256, 16384 queries, k=1", 16384, 256, 16384, 1, "code+noise"),
     ("k-means codebook 4096x256, 16384 queries, k=1", 4096, 256, 16384, 1, "kmeans"),
+    # trained codebooks of other shapes: what VQ tokenizers hold, queries from the data
+    ("k-means codebook 1024x64, 16384 queries, k=1", 1024, 64, 16384, 1, "kmeans"),
+    ("k-means codebook 1024x768, 16384 queries, k=1", 1024, 768, 16384, 1, "kmeans"),
+    ("k-means codebook 16384x256, 16384 queries, k=1", 16384, 256, 16384, 1, "kmeans"),
     ("bank 200000x128, 1000 queries, k=10", 200_000, 128, 1000, 10, "code+noise"),
     ("bank 1000000x128, 1000 queries, k=10", 1_000_000, 128, 1000, 10, "code+noise"),
 ]
@@ -71,7 +75,8 @@ def data(kind: str, nb: int, d: int, nq: int, rng: np.random.Generator):
     kmeans: a codebook trained by k-means on structured data, queries fresh from that data
     (what a VQ tokenizer sees: nearest codes can be close to each other)."""
     if kind == "kmeans":
-        ds = SyntheticDataset(d, 40 * nb, 0, nq, seed=1)
+        # 40 training points a code, at most 2**17 (16384 codes: 8 a code, minutes not hours)
+        ds = SyntheticDataset(d, min(40 * nb, 1 << 17), 0, nq, seed=1)
         km = faiss.Kmeans(d, nb, niter=10, seed=1)
         km.train(ds.get_train())
         return km.centroids.astype(np.float32), ds.get_queries()
