@@ -167,7 +167,8 @@ def test_a_bank_keeps_its_rows_when_the_caller_reuses_its_array(tmp_path, rng, o
     np.testing.assert_array_equal(bank.get(np.arange(100)), kept)
 
 
-_ANON_PROBE = """
+# what both probes below start with: the anonymous memory of their own process
+_ANON_MIB = """
 import numpy as np, sys
 from vqsearch.index import Bank
 
@@ -175,7 +176,11 @@ def anon_mib():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) / 1024
+"""
 
+_ANON_PROBE = (
+    _ANON_MIB
+    + """
 bank = Bank.create(sys.argv[1], 64, auto_compact=False)
 rng = np.random.default_rng(0)
 x = rng.standard_normal((65536, 64), dtype=np.float32)  # 16 MiB a batch
@@ -187,6 +192,7 @@ for _ in range(8):
 del x
 print(anon_mib() - before, all(isinstance(s.vectors, np.memmap) for s in bank._state.segments))
 """
+)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
@@ -206,15 +212,10 @@ def test_appended_rows_are_read_from_their_file_not_held_in_anonymous_memory(tmp
     assert growth < 48, f"anonymous memory grew {growth:.0f} MiB over 128 MiB of appends"
 
 
-_SPILL_PROBE = """
-import numpy as np, sys
+_SPILL_PROBE = (
+    _ANON_MIB
+    + """
 from pathlib import Path
-from vqsearch.index import Bank
-
-def anon_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
 
 bank = Bank.create(sys.argv[1], 64, auto_compact=False)
 rng = np.random.default_rng(0)
@@ -228,6 +229,7 @@ shard.search64(np.zeros((1, 64), np.float32), 1)  # a search touches every row
 files = shard.mapped_files()
 print(held, len(files), all(f.parent == spill for f in files))
 """
+)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")

@@ -5,7 +5,7 @@ one writer (it also places the sharded banks' shards). Same routes, answers and 
 `vqsearch serve` alone.
 
     serve_on_ray(settings)              # `vqsearch serve --ray HOST:PORT`, blocks
-    application({"replicas": "4"})      # a Serve config's `import_path: vqsearch.ray:application`
+    application({"ray_replicas": "4"})  # a Serve config's `import_path: vqsearch.ray:application`
 """
 
 from __future__ import annotations

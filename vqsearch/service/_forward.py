@@ -20,9 +20,9 @@ from ._errors_doc import error_body
 from ._shards import RETRY_AFTER_S
 
 Headers = tuple[tuple[bytes, bytes], ...]
+MAX_BODY, MAX_BODY_SECONDS = 1 << 20, 10.0  # a write outside /v1/ (none is): small, quick
 # hop-by-hop, or set again by whoever sends the body on; the writer answers uncompressed so
 # that its body and its headers travel unchanged
-MAX_BODY, MAX_BODY_SECONDS = 1 << 20, 10.0  # a write outside /v1/ (none is): small, quick
 DROPPED = {b"host", b"content-length", b"transfer-encoding", b"connection", b"accept-encoding"}
 
 
