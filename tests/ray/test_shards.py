@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import brute_force
-from vqsearch.index import Bank, CorruptBankError, Queries
+from vqsearch.index import Bank, CorruptBankError, Queries, StorageError
 from vqsearch.ray import RayShards
 from vqsearch.ray._shard import BankShard
 from vqsearch.service import ShardsUnavailableError
@@ -124,6 +124,13 @@ def test_a_starting_shard_reads_the_directory_again_when_a_compaction_races_it(
     monkeypatch.setattr(BankShard, "_load", flaky)
     shard = BankShard(str(tmp_path / "b"), 0, 2)
     assert calls == [True, True, True] and shard.ids().tolist() == [0, 2, 4]
+    shard.close()
+    # a shard whose bank is gone (deleted before the actor started) leaves no copies behind
+    monkeypatch.setattr(BankShard, "_load", real)
+    (tmp_path / "b").rename(tmp_path / "gone")
+    with pytest.raises(StorageError, match="no bank here"):
+        BankShard(str(tmp_path / "b"), 1, 2)
+    assert not shard.spill.with_name(shard.spill.name.replace("-0-2", "-1-2")).exists()
 
 
 def test_a_shard_maps_its_rows_from_copies_of_its_own_and_removes_them(tmp_path: Path, rng):

@@ -32,8 +32,13 @@ class BankShard:
         self.spill = Path(tempfile.gettempdir()) / "vqsearch-shards" / f"{tag}-{s}-{n}"
         shutil.rmtree(self.spill, ignore_errors=True)
         self.spill.mkdir(parents=True)
-        # An exception here would end the actor for good (Ray restarts crashed actors only).
-        self.bank = self._read(verify=True)
+        # An exception here would end the actor for good (Ray restarts crashed actors only),
+        # as when the bank was deleted before the actor started: it leaves no copies behind.
+        try:
+            self.bank = self._read(verify=True)
+        except BaseException:
+            self.close()
+            raise
         self.index: ApproxIndex | None = None  # this shard's own, over its rows
         self.built: tuple[str, int, str] | None = None  # (spec, train_size, version) of it
 
