@@ -22,9 +22,12 @@ from ._errors_doc import error_body, status_kind
 BODY = "vqsearch.body"  # the body the middleware read, in the ASGI scope (`_wire.read_body`)
 
 
-async def _answer(send: Any, status: int, detail: str, headers: dict[str, str]) -> None:
-    """The app's error answer, sent here: the app has not seen the request."""
-    body = json.dumps(error_body(detail, kind=status_kind(status))).encode()
+async def _answer(
+    send: Any, status: int, detail: str, headers: dict[str, str], kind: str | None = None
+) -> None:
+    """The app's error answer, sent from a middleware: the app has not seen the request.
+    kind: the error's `type` (default: the status's phrase)."""
+    body = json.dumps(error_body(detail, kind=kind or status_kind(status))).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send(
         {

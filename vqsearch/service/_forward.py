@@ -6,7 +6,6 @@ follows (`Registry.follow_writes`), so a write acknowledged anywhere is in every
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,8 +14,7 @@ from typing import Any
 import httpx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._admission import BODY, read_whole
-from ._errors_doc import error_body
+from ._admission import BODY, _answer, read_whole
 from ._shards import RETRY_AFTER_S
 
 Headers = tuple[tuple[bytes, bytes], ...]
@@ -93,14 +91,10 @@ class ForwardWrites:
         try:
             answer = await self.forward(request)
         except WriterUnavailableError as exc:
-            answer = unavailable(str(exc))
+            retry = {"Retry-After": str(RETRY_AFTER_S)}
+            await _answer(send, 503, str(exc), retry, kind="writer_unavailable")
+            return
         await _send(send, answer)
-
-
-def unavailable(detail: str) -> WriterAnswer:
-    body = json.dumps(error_body(detail, None, "writer_unavailable")).encode()
-    headers = ((b"content-type", b"application/json"), (b"retry-after", b"%d" % RETRY_AFTER_S))
-    return WriterAnswer(503, headers, body)
 
 
 async def _send(send: Send, answer: WriterAnswer) -> None:

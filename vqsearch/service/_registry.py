@@ -86,8 +86,12 @@ class Registry:
                 log.error("bank %s not loaded: %s", p.name, exc)
         self.loaded = True
 
-    def _open(self, p: Path, old: Entry | None = None) -> Entry:
-        stamp = stamp_of(p)
+    def _open(
+        self, p: Path, old: Entry | None = None, stamp: tuple[int, ...] | None = None
+    ) -> Entry:
+        """The bank in `p`, opened. stamp: its files' marks, taken before it is read (read
+        here when not given); old: the entry it replaces, whose unchanged files are kept."""
+        stamp = stamp_of(p) if stamp is None else stamp
         bank = Bank.open(p, writable=not self.read_only, auto_compact=False)
         entry = Entry(p.name, bank, shards=read_shards(p), stamp=stamp)
         self._place(entry)
@@ -129,7 +133,7 @@ class Registry:
                     return
                 if old is not None and old.stamp == stamp:
                     return
-                new = self._open(p, old)
+                new = self._open(p, old, stamp)
             except (VQSearchError, OSError) as exc:
                 log.warning("bank %s not refreshed: %s", p.name, exc)
                 return
